@@ -1,0 +1,60 @@
+"""Expert weights <-> a shared base per cluster plus a rank-r residual per expert.
+
+Owns: `factorize` (base = mean of the cluster's members, residual = truncated SVD of each
+member's difference from the base), `materialize` (W_e = B[g(e)] + U_e V_e), and the
+parameter counts of both storages. Pure functions on tensors.
+Does not own: which experts form a cluster (cluster.py), the forward pass (experts.py).
+
+Shapes: E experts of matrices (a, b); G equal clusters of m = E / G; rank r.
+The SVD split is balanced, U = U_svd * sqrt(S), V = sqrt(S) * Vh, so both factors start at
+the same scale and neither dominates the optimizer's updates.
+"""
+import torch
+
+
+def cluster_order(assignment: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Expert ids sorted cluster-major (stable); checks the clusters are equal-sized."""
+    sizes = torch.bincount(assignment, minlength=n_clusters)
+    if sizes.numel() != n_clusters or not bool((sizes == sizes[0]).all()):
+        raise ValueError(f"clusters must be equal-sized, got sizes {sizes.tolist()}")
+    return assignment.argsort(stable=True)
+
+
+def factorize(weights: torch.Tensor, assignment: torch.Tensor, n_clusters: int, rank: int):
+    """weights (E, a, b), assignment (E,) -> (order, base (G,a,b), U (E,a,r), V (E,r,b)).
+
+    The returned experts are in cluster-major `order`: row i of U/V is expert order[i],
+    member of cluster i // m. The approximation error of expert e is the SVD tail
+    sqrt(sum_{j>=r} s_j^2) of (W_e - base), the best any rank-r residual can do.
+    """
+    n_experts, rows, cols = weights.shape
+    if rank < 1 or rank > min(rows, cols):
+        raise ValueError(f"rank={rank} must be in [1, min(a, b) = {min(rows, cols)}]")
+    order = cluster_order(assignment, n_clusters)
+    m = n_experts // n_clusters
+    # SVD in at least float32 (bf16 weights would lose the small residual directions).
+    work = torch.promote_types(weights.dtype, torch.float32)
+    grouped = weights[order].to(work).view(n_clusters, m, rows, cols)
+    base = grouped.mean(1)                                            # (G, a, b)
+    residual = (grouped - base.unsqueeze(1)).view(n_experts, rows, cols)
+    u_svd, s, vh = torch.linalg.svd(residual, full_matrices=False)   # (E,a,q), (E,q), (E,q,b)
+    root = s[:, :rank].sqrt()
+    u = u_svd[:, :, :rank] * root.unsqueeze(1)                        # (E, a, r)
+    v = root.unsqueeze(-1) * vh[:, :rank]                             # (E, r, b)
+    return order, base.to(weights.dtype), u.to(weights.dtype), v.to(weights.dtype)
+
+
+def materialize(base: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """base (G, a, b), U (E, a, r), V (E, r, b) -> full expert weights (E, a, b)."""
+    m = u.shape[0] // base.shape[0]
+    return base.repeat_interleave(m, dim=0) + u @ v
+
+
+def dense_expert_params(n_experts: int, d: int, h: int) -> int:
+    """Two matrices (d x h, h x d) per expert."""
+    return n_experts * 2 * d * h
+
+
+def clustered_expert_params(n_experts: int, n_clusters: int, d: int, h: int, rank: int) -> int:
+    """Two shared bases per cluster plus rank-r (U, V) pairs for both matrices of each expert."""
+    return n_clusters * 2 * d * h + n_experts * 2 * rank * (d + h)

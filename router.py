@@ -1,0 +1,98 @@
+"""Routing decisions from router logits: top-k (Switch/Mixtral) and cluster -> expert.
+
+Owns: turning logits into (expert index, gate) per token, the auxiliary losses (Switch
+load balancing and router z-loss, at both stages for the hierarchical router), and the
+per-expert / per-cluster token counts the MoE layer records.
+Does not own: router parameters (the MoE layer in model.py holds them) or expert compute.
+
+All functions take plain tensors, so tests compare them against a loop over tokens.
+Convention for the hierarchical router: experts are stored cluster-major, expert e lives in
+cluster e // m with m = E / G experts per cluster (cluster.py keeps the bank in that order).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    expert_idx: torch.Tensor     # (N, k) long, global expert ids
+    gates: torch.Tensor          # (N, k) mixing weights, sum to 1 per token (before dropping)
+    aux_loss: torch.Tensor       # () weighted balance + z-loss, add to the LM loss
+    expert_counts: torch.Tensor  # (E,) float, token-slot assignments per expert
+    cluster_idx: torch.Tensor | None = None     # (N,) long, hierarchical only
+    cluster_counts: torch.Tensor | None = None  # (G,) float, hierarchical only
+
+
+def load_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    """Switch loss n * sum_i f_i * P_i; equals 1 when routing is perfectly uniform.
+
+    probs (N, n): router probabilities; expert_idx (N, k): chosen ids. f_i is the fraction
+    of the N*k assignments that went to i (no gradient), P_i the mean probability of i.
+    """
+    n = probs.shape[-1]
+    counts = torch.bincount(expert_idx.flatten(), minlength=n).to(probs.dtype)
+    fraction = counts / expert_idx.numel()
+    return n * (fraction * probs.mean(0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition; keeps logits small and bf16-safe."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def topk_route(logits: torch.Tensor, k: int, balance_coef: float = 0.01,
+               z_coef: float = 0.001) -> Routing:
+    """Softmax over E experts, keep the top k, renormalize their gates."""
+    probs = logits.float().softmax(-1)                         # (N, E)
+    top_probs, expert_idx = probs.topk(k, dim=-1)              # (N, k)
+    gates = top_probs / top_probs.sum(-1, keepdim=True)
+    aux = balance_coef * load_balance_loss(probs, expert_idx) + z_coef * z_loss(logits)
+    counts = torch.bincount(expert_idx.flatten(), minlength=logits.shape[-1]).float()
+    return Routing(expert_idx, gates, aux, counts)
+
+
+def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor, k: int,
+                       balance_coef: float = 0.01, z_coef: float = 0.001) -> Routing:
+    """Token -> top-1 cluster (softmax over G) -> top-k of the m experts inside it.
+
+    cluster_logits (N, G); expert_logits (N, E), cluster-major. The within-cluster gates are
+    renormalized to sum to 1, so the layer's output scale matches a top-k MoE (and does not
+    jump when a trained top-k layer is first clustered). The cluster router still needs a
+    gradient from the LM loss: gates are multiplied by p_g / p_g.detach(), which is 1 in
+    value and passes d(loss)/d(gate) on to the chosen cluster's probability (straight-through).
+    """
+    n_tokens, n_clusters = cluster_logits.shape
+    n_experts = expert_logits.shape[-1]
+    m = n_experts // n_clusters
+    cluster_probs = cluster_logits.float().softmax(-1)                    # (N, G)
+    cluster_p, cluster_idx = cluster_probs.max(-1)                        # (N,)
+    within_logits = expert_logits.float().view(n_tokens, n_clusters, m)
+    within_logits = within_logits.gather(1, cluster_idx.view(-1, 1, 1).expand(-1, 1, m))
+    within_probs = within_logits.squeeze(1).softmax(-1)                   # (N, m)
+    top_probs, local_idx = within_probs.topk(k, dim=-1)                   # (N, k)
+    gates = top_probs / top_probs.sum(-1, keepdim=True)
+    gates = gates * (cluster_p / cluster_p.detach()).unsqueeze(-1)
+    expert_idx = cluster_idx.unsqueeze(-1) * m + local_idx                # (N, k) global
+
+    cluster_counts = torch.bincount(cluster_idx, minlength=n_clusters).float()
+    expert_counts = torch.bincount(expert_idx.flatten(), minlength=n_experts).float()
+    # Within-cluster balance: Switch loss inside each cluster, over the tokens it received,
+    # averaged over the clusters that received any.
+    prob_sum = torch.zeros(n_tokens, n_clusters, m, device=within_probs.device)
+    prob_sum = prob_sum.scatter(1, cluster_idx.view(-1, 1, 1).expand(-1, 1, m),
+                                within_probs.unsqueeze(1)).sum(0)         # (G, m)
+    tokens_in = cluster_counts.clamp(min=1).unsqueeze(-1)                 # (G, 1)
+    fraction = expert_counts.view(n_clusters, m) / (k * tokens_in)
+    within = m * (fraction * prob_sum / tokens_in).sum(-1)                # (G,)
+    within = within[cluster_counts > 0].mean()
+    balance = load_balance_loss(cluster_probs, cluster_idx.unsqueeze(-1)) + within
+    aux = balance_coef * balance + z_coef * (z_loss(cluster_logits) + z_loss(within_logits.squeeze(1)))
+    return Routing(expert_idx, gates, aux, expert_counts, cluster_idx, cluster_counts)
+
+
+def load_cv(counts: torch.Tensor) -> torch.Tensor:
+    """Coefficient of variation (std / mean) of a load vector; 0 means perfectly even."""
+    counts = counts.float()
+    return counts.std(unbiased=False) / counts.mean().clamp(min=1e-9)

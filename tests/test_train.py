@@ -1,0 +1,89 @@
+"""train.py end to end on CPU: loss falls, resume is exact across a recluster, clear errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from train import TrainConfig, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=32", "--n_experts=4",
+        "--n_clusters=2", "--rank=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
+        "--device=cpu", "--lr_warmup=2", "--lr=3e-3"]
+
+
+def _cfg(tmp_path, *extra):
+    return parse_config(TrainConfig, TINY + [f"--out_dir={tmp_path / 'out'}",
+                                             f"--data_dir={tmp_path / 'data'}", *extra])
+
+
+def test_clustered_training_loss_falls(tmp_path):
+    cfg = _cfg(tmp_path, "--max_iters=40", "--eval_interval=10", "--warmup_iters=10",
+               "--recluster_interval=10")
+    train.train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [10, 20, 30, 40]
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5
+    assert log[-1]["n_reclusters"] == 3 and "cluster_load_cv" in log[-1]
+    assert log[-1]["expert_params"] < log[0]["expert_params"]         # compressed after warmup
+    for key in ("train_loss", "val_ppl", "tokens_per_sec", "load_cv", "lr", "total_params",
+                "experts_moved"):
+        assert key in log[-1]
+
+
+@pytest.mark.parametrize("moe", ["topk", "clustered"])
+def test_resume_equals_uninterrupted(tmp_path, moe):
+    schedule = [f"--moe={moe}", "--eval_interval=4", "--warmup_iters=2",
+                "--recluster_interval=3", "--lr_decay_iters=8", "--dropout=0.1"]
+    train.train(_cfg(tmp_path / "a", "--max_iters=8", *schedule))
+    train.train(_cfg(tmp_path / "b", "--max_iters=4", *schedule))
+    train.train(_cfg(tmp_path / "b", "--max_iters=8", "--resume", *schedule))
+    a = torch.load(tmp_path / "a" / "out" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "out" / "ckpt.pt", weights_only=True)
+    assert a["iter"] == b["iter"] == 8
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_config_errors_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="valid keys: dataset"):
+        parse_config(TrainConfig, ["--no_such_flag=1"])
+    with pytest.raises(ValueError, match="expects int"):
+        parse_config(TrainConfig, ["--max_iters=many"])
+    with pytest.raises(ValueError, match="top_k"):
+        _cfg(tmp_path, "--moe=topk", "--top_k=9").validate()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _cfg(tmp_path, "--resume").validate()
+    assert not (tmp_path / "out").exists()
+    result = subprocess.run([sys.executable, "train.py", "--n_embd=30", "--n_head=4"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "divisible by n_head" in result.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+        train.load_model(bad)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "--moe=dense", "--max_iters=4", "--eval_interval=2", "--log_interval=1")
+    real_forward = train.GPT.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss, aux = real_forward(self, idx, targets)
+        if self.training and poisoned.calls >= 2:
+            loss = loss * float("nan")
+        poisoned.calls += self.training
+        return logits, loss, aux
+    poisoned.calls = 0
+    monkeypatch.setattr(train.GPT, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="iteration 2"):
+        train.train(cfg)
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter"] == 2
