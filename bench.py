@@ -3,6 +3,7 @@
 Owns: BenchConfig, timing (CUDA events, warm-up, median of repeats), and the tables:
   layers  one FFN layer forward+backward: dense, top-k (grouped / loop), clustered
           (grouped / loop), as in DESIGN.md's hot-path table.
+  profile the CUDA kernels that dominate each MoE layer's step (torch.profiler).
 Does not own: any model code; it builds models through model.py and trains through train.py.
 """
 import json
@@ -36,6 +37,7 @@ class BenchConfig:
     repeats: int = 20
     warmup: int = 5
     seed: int = 0
+    compile_layers: bool = False   # also time torch.compile'd layers
 
     def shrink(self):
         """--smoke: tiny sizes so the whole bench runs in seconds on CPU."""
@@ -65,41 +67,78 @@ def timed(fn, device, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def bench_layers(cfg: BenchConfig, device) -> list[dict]:
-    """One FFN layer, forward + backward on (tokens, d) inputs, bf16 autocast on CUDA."""
+def _layer_variants(cfg: BenchConfig, device):
+    """(name, module, impl) for each FFN layer variant at the benchmark's setting."""
     torch.manual_seed(cfg.seed)
     gpt_cfg = GPTConfig(n_embd=cfg.n_embd, ffn_hidden=cfg.ffn_hidden, n_experts=cfg.n_experts,
                         top_k=cfg.top_k, n_clusters=cfg.n_clusters, rank=cfg.rank, moe="clustered")
-    x = torch.randn(1, cfg.tokens, cfg.n_embd, device=device, requires_grad=True)
-    grad = torch.randn_like(x)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     variants = [("dense FFN d->k*h->d", MLP(cfg.n_embd, cfg.top_k * cfg.ffn_hidden), None)]
     impls = ["grouped", "loop"] if device.type == "cuda" else ["loop"]
-    for impl in impls:
-        variants.append((f"top-k MoE, {impl}", MoE(gpt_cfg, 0.02), impl))
-    for impl in impls:
-        layer = MoE(gpt_cfg, 0.02)
-        layer.input_mean.normal_()
-        recluster(layer)
-        variants.append((f"clustered MoE, {impl}", layer, impl))
-    rows = []
-    for name, layer, impl in variants:
-        layer.to(device)
-        if impl:
-            layer.cfg = GPTConfig(**{**asdict(gpt_cfg), "moe_impl": impl})
+    for kind in ("top-k", "clustered"):
+        for impl in impls:
+            layer = MoE(GPTConfig(**{**asdict(gpt_cfg), "moe_impl": impl}), 0.02)
+            if kind == "clustered":
+                layer.input_mean.normal_()
+                recluster(layer)
+            variants.append((f"{kind} MoE, {impl}", layer.to(device), impl))
+    return [(n, m.to(device), i) for n, m, i in variants]
 
-        def step():
-            with autocast:
-                y, aux = layer(x)
-            if aux.requires_grad:
-                y = y + 0 * aux  # the aux loss's backward is part of the layer's cost
-            y.backward(grad.to(y.dtype))
-        ms = timed(step, device, cfg.repeats, cfg.warmup)
+
+def _step_fn(layer, x, grad, device):
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            y, aux = layer(x)
+        if aux.requires_grad:
+            y = y + 0 * aux  # the aux loss's backward is part of the layer's cost
+        y.backward(grad.to(y.dtype))
+    return step
+
+
+def bench_layers(cfg: BenchConfig, device) -> list[dict]:
+    """One FFN layer, forward + backward on (tokens, d) inputs, bf16 autocast on CUDA."""
+    x = torch.randn(1, cfg.tokens, cfg.n_embd, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    variants = _layer_variants(cfg, device)
+    if cfg.compile_layers:
+        variants += [(f"{n}, compiled", torch.compile(m), i) for n, m, i in variants if i != "loop"]
+    rows = []
+    for name, layer, _ in variants:
+        try:
+            ms = timed(_step_fn(layer, x, grad, device), device, cfg.repeats, cfg.warmup)
+        except Exception as error:  # a compile failure is a result to report, not a crash
+            print(f"{name}: failed: {type(error).__name__}: {str(error)[:200]}")
+            continue
         rows.append({"layer": name, "ms": ms, "tokens_per_sec": cfg.tokens / ms * 1e3})
     ref = next((r["ms"] for r in rows if r["layer"].startswith("top-k")), rows[0]["ms"])
     for row in rows:
         row["speed_vs_topk"] = ref / row["ms"]
     return rows
+
+
+def profile_layers(cfg: BenchConfig, device, top: int = 12) -> dict:
+    """Top kernels by device time for each grouped MoE layer: where the milliseconds go."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(1, cfg.tokens, cfg.n_embd, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    tables = {}
+    for name, layer, impl in _layer_variants(cfg, device):
+        if impl == "loop":
+            continue
+        step = _step_fn(layer, x, grad, device)
+        for _ in range(cfg.warmup):
+            step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        tables[name] = prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
+        print(f"\n== {name}: 5 steps ==\n{tables[name]}")
+    return tables
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -127,6 +166,8 @@ def main(cfg: BenchConfig) -> dict:
               f"h={cfg.ffn_hidden}, E={cfg.n_experts}, top-{cfg.top_k}, G={cfg.n_clusters}, "
               f"r={cfg.rank} ({env['device']}, torch {env['torch']}):")
         print(markdown(results["layers"], ["layer", "ms", "tokens_per_sec", "speed_vs_topk"]))
+    if "profile" in sections:
+        results["profile"] = profile_layers(cfg, device)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     return results
 

@@ -112,6 +112,7 @@ def recluster(layer, alpha: float = 0.5, seed: int = 0) -> dict:
     assignment = balanced_kmeans(similarity, n_clusters, previous, seed=seed)
     order, base1, u1, v1 = factorize(w1, assignment.to(w1.device), n_clusters, cfg.rank)
     _, base2, u2, v2 = factorize(w2, assignment.to(w2.device), n_clusters, cfg.rank)
+    order = order.cpu()
 
     old_cluster_rows = layer.cluster_router.detach().clone() if layer.clustered else None
     if not layer.clustered:

@@ -6,8 +6,8 @@ portable fallback), `ExpertBank` (E independent GELU MLPs, the top-k baseline) a
 DESIGN.md calls the hot path. Both take a `router.Routing` and return (N, d).
 Does not own: routing (router.py), factorization math (compress.py), regrouping (cluster.py).
 
-Tokens are put in expert (or cluster) order with one argsort + bincount; no Python loop
-over tokens. The fallback loops over the G or E groups only.
+Tokens are put in expert (or cluster) order with one argsort + searchsorted, no Python loop
+over tokens and no host sync. The fallback loops over the G or E groups only.
 """
 import math
 
@@ -46,11 +46,40 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grouped: bo
     return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
 
 
-def _offsets(group_of_row: torch.Tensor, n_groups: int):
-    """Sort rows by group: (order, counts, int32 cumulative ends)."""
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] whose backward is the gather g[inverse]. Plain indexing would backpropagate
+    through index_put_(accumulate=True), which sorts the indices again."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+def permute_rows(x, perm, inverse):
+    return _PermuteRows.apply(x, perm, inverse)
+
+
+def _sort_rows(group_of_row: torch.Tensor, n_groups: int):
+    """Sort rows by group -> (order, inverse, int32 cumulative ends); no host sync."""
     order = group_of_row.argsort(stable=True)
-    counts = torch.bincount(group_of_row, minlength=n_groups)
-    return order, counts, counts.cumsum(0).to(torch.int32)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    ends = torch.searchsorted(group_of_row[order],
+                              torch.arange(n_groups, device=order.device), right=True)
+    return order, inverse, ends.to(torch.int32)
+
+
+def _compute_dtype(x):
+    """Cast activations once, before they are permuted, not inside every matmul."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 class ExpertBank(nn.Module):
@@ -65,21 +94,22 @@ class ExpertBank(nn.Module):
                 capacity_factor: float = 0.0) -> torch.Tensor:
         n_tokens, k = routing.expert_idx.shape
         n_experts = self.w1.shape[0]
-        flat = routing.expert_idx.flatten()                              # (N*k,)
-        order, counts, offs = _offsets(flat, n_experts)
-        xs = x[order // k]                                               # (N*k, d) by expert
+        flat = routing.expert_idx.flatten()                              # (N*k,) token-slot order
+        order, inverse, offs = _sort_rows(flat, n_experts)
+        x = _compute_dtype(x)
+        slots = x.unsqueeze(1).expand(-1, k, -1).reshape(n_tokens * k, -1)
+        xs = permute_rows(slots, order, inverse)                         # (N*k, d) by expert
         out = grouped_mm(gelu(grouped_mm(xs, self.w1, offs, grouped)), self.w2, offs, grouped)
-        gates = routing.gates.flatten()[order]
+        out = permute_rows(out, inverse, order).view(n_tokens, k, -1)    # back to token order
+        gates = routing.gates
         if capacity_factor > 0:
-            # Position of each slot inside its expert's queue; slots past capacity are dropped
-            # (their contribution is zero, the residual stream carries the token on).
+            # Rank of each slot inside its expert's queue (in token order); slots past capacity
+            # are dropped: their contribution is zero and the residual carries the token on.
             capacity = math.ceil(capacity_factor * flat.numel() / n_experts)
-            start = (offs - counts)[flat[order]]
-            position = torch.arange(flat.numel(), device=x.device) - start
-            gates = gates * (position < capacity)
-        out = out * gates.to(out.dtype).unsqueeze(-1)
-        slots = torch.empty_like(out).index_put_((order,), out)         # back to token order
-        return slots.view(n_tokens, k, -1).sum(1)
+            start = torch.cat([offs.new_zeros(1), offs[:-1]]).long()[flat]
+            position = inverse - start
+            gates = gates * (position < capacity).view(n_tokens, k)
+        return (out * gates.to(out.dtype).unsqueeze(-1)).sum(1)
 
     def weights(self):
         """(W1 (E, d, h), W2 (E, h, d)): the full expert matrices."""
@@ -142,23 +172,23 @@ class ClusteredBank(nn.Module):
         w = tensors or dict(self.named_parameters())
         n_tokens, k = routing.expert_idx.shape
         g, m, r = self.n_clusters, self.m, self.rank
-        order, _, offs = _offsets(routing.cluster_idx, g)
-        xs = x[order]                                                     # (N, d) by cluster
+        order, inverse, offs = _sort_rows(routing.cluster_idx, g)
+        xs = permute_rows(_compute_dtype(x), order, inverse)              # (N, d) by cluster
         local = (routing.expert_idx - routing.cluster_idx.unsqueeze(-1) * m)[order]  # (N, k)
-        gates = routing.gates[order]                                      # (N, k)
-        u = grouped_mm(xs, w["base1"], offs, grouped)                     # (N, h)
-        codes = grouped_mm(xs, w["u1"], offs, grouped).view(n_tokens, m, r)
-        # Masking the other members' codes lets slot i reuse the cluster's stacked V1 in one
-        # grouped matmul (m*r-wide, cheap) instead of re-sorting tokens by expert.
+        gates = routing.gates[order].unsqueeze(-1)                        # (N, k, 1)
+        u = grouped_mm(xs, w["base1"], offs, grouped)                     # (N, h) once per token
+        codes = grouped_mm(xs, w["u1"], offs, grouped).view(n_tokens, 1, m, r)
+        # Slot i of a token keeps only its expert's rank-r code (the other members' columns are
+        # zeroed), so all k slots share the cluster's stacked V1 in ONE grouped matmul over
+        # (N*k) rows: token-major rows stay contiguous per cluster, with offsets k * offs.
         select = F.one_hot(local, m).to(codes.dtype).unsqueeze(-1)        # (N, k, m, 1)
-        z, low = 0, 0
-        for i in range(k):
-            gate = gates[:, i].to(u.dtype).unsqueeze(-1)                  # (N, 1)
-            code_i = (codes * select[:, i]).view(n_tokens, m * r)
-            a = gelu(u + grouped_mm(code_i, w["v1"], offs, grouped))      # (N, h)
-            z = z + gate * a
-            back = grouped_mm(a, w["u2"], offs, grouped).view(n_tokens, m, r)
-            low = low + back * (select[:, i] * gate.unsqueeze(-1))        # (N, m, r)
+        slot_codes = (codes * select).view(n_tokens * k, m * r)
+        offs_k = offs * k
+        pre = grouped_mm(slot_codes, w["v1"], offs_k, grouped).view(n_tokens, k, -1)
+        a = gelu(pre + u.unsqueeze(1))                                    # (N, k, h)
+        z = (a * gates.to(a.dtype)).sum(1)                                # (N, h) mixed
+        back = grouped_mm(a.view(n_tokens * k, -1), w["u2"], offs_k, grouped)
+        low = (back.view(n_tokens, k, m, r) * (select * gates.unsqueeze(-1).to(back.dtype))).sum(1)
         y = grouped_mm(z, w["base2"], offs, grouped) + \
-            grouped_mm(low.view(n_tokens, m * r).to(z.dtype), w["v2"], offs, grouped)
-        return torch.empty_like(y).index_put_((order,), y)
+            grouped_mm(low.reshape(n_tokens, m * r), w["v2"], offs, grouped)
+        return permute_rows(y, inverse, order)

@@ -25,6 +25,12 @@ class Routing:
     cluster_counts: torch.Tensor | None = None  # (G,) float, hierarchical only
 
 
+def count(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of 0..n-1 in idx, as float (n,). Unlike torch.bincount, no host sync on CUDA."""
+    flat = idx.flatten()
+    return torch.zeros(n, device=idx.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+
+
 def load_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
     """Switch loss n * sum_i f_i * P_i; equals 1 when routing is perfectly uniform.
 
@@ -32,8 +38,7 @@ def load_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor) -> torch.Te
     of the N*k assignments that went to i (no gradient), P_i the mean probability of i.
     """
     n = probs.shape[-1]
-    counts = torch.bincount(expert_idx.flatten(), minlength=n).to(probs.dtype)
-    fraction = counts / expert_idx.numel()
+    fraction = count(expert_idx, n) / expert_idx.numel()
     return n * (fraction * probs.mean(0)).sum()
 
 
@@ -49,8 +54,7 @@ def topk_route(logits: torch.Tensor, k: int, balance_coef: float = 0.01,
     top_probs, expert_idx = probs.topk(k, dim=-1)              # (N, k)
     gates = top_probs / top_probs.sum(-1, keepdim=True)
     aux = balance_coef * load_balance_loss(probs, expert_idx) + z_coef * z_loss(logits)
-    counts = torch.bincount(expert_idx.flatten(), minlength=logits.shape[-1]).float()
-    return Routing(expert_idx, gates, aux, counts)
+    return Routing(expert_idx, gates, aux, count(expert_idx, logits.shape[-1]))
 
 
 def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor, k: int,
@@ -76,8 +80,8 @@ def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor
     gates = gates * (cluster_p / cluster_p.detach()).unsqueeze(-1)
     expert_idx = cluster_idx.unsqueeze(-1) * m + local_idx                # (N, k) global
 
-    cluster_counts = torch.bincount(cluster_idx, minlength=n_clusters).float()
-    expert_counts = torch.bincount(expert_idx.flatten(), minlength=n_experts).float()
+    cluster_counts = count(cluster_idx, n_clusters)
+    expert_counts = count(expert_idx, n_experts)
     # Within-cluster balance: Switch loss inside each cluster, over the tokens it received,
     # averaged over the clusters that received any.
     prob_sum = torch.zeros(n_tokens, n_clusters, m, device=within_probs.device)
@@ -86,7 +90,8 @@ def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor
     tokens_in = cluster_counts.clamp(min=1).unsqueeze(-1)                 # (G, 1)
     fraction = expert_counts.view(n_clusters, m) / (k * tokens_in)
     within = m * (fraction * prob_sum / tokens_in).sum(-1)                # (G,)
-    within = within[cluster_counts > 0].mean()
+    used = (cluster_counts > 0).float()                                   # no boolean indexing:
+    within = (within * used).sum() / used.sum()                           # it would sync
     balance = load_balance_loss(cluster_probs, cluster_idx.unsqueeze(-1)) + within
     aux = balance_coef * balance + z_coef * (z_loss(cluster_logits) + z_loss(within_logits.squeeze(1)))
     return Routing(expert_idx, gates, aux, expert_counts, cluster_idx, cluster_counts)

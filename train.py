@@ -246,10 +246,10 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         optimizer.load_state_dict(ckpt["optimizer"])
 
-    def wrap(m):
-        m = torch.compile(m) if cfg.compile else m
-        return DDP(m, device_ids=[device]) if ddp else m
-    runner = wrap(model)
+    # Compile once: after a recluster swaps a layer's bank, dynamo's guards retrace by themselves.
+    compiled = torch.compile(model) if cfg.compile else model
+    wrap = lambda: DDP(compiled, device_ids=[device]) if ddp else compiled
+    runner = wrap()
     autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     layers = model.moe_layers()
@@ -268,7 +268,7 @@ def train(cfg: TrainConfig) -> dict:
             result = recluster_model(model, cfg.alpha, seed=cfg.seed + it)
             moved_since_eval += result["moved"]
             optimizer = build_optimizer(model, cfg, optimizer, result["reset"])
-            runner = wrap(model)
+            runner = wrap()  # DDP must see the new parameter set
             for acc in load_acc + cluster_acc:  # slots were permuted: count afresh
                 acc.zero_()
         lr = lr_at(it, cfg)

@@ -1,4 +1,5 @@
 """cluster.py: planted clusters, stability, and a recluster that preserves the function."""
+import pytest
 import torch
 
 from cluster import balanced_kmeans, fused_similarity, recluster
@@ -74,3 +75,14 @@ def test_first_recluster_keeps_experts_and_permutes_router_with_them():
     assert torch.equal(layer.router.weight, router_before[ids])
     # cluster router rows are the mean of their members' router rows
     torch.testing.assert_close(layer.cluster_router, layer.router.weight.view(2, 4, -1).mean(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_recluster_on_cuda_matches_cpu():
+    cpu_layer = _layer(rank=4)
+    gpu_layer = _layer(rank=4).cuda()
+    for _ in range(2):
+        moved_cpu = recluster(cpu_layer)["moved"]
+        assert recluster(gpu_layer)["moved"] == moved_cpu
+    assert torch.equal(gpu_layer.expert_ids.cpu(), cpu_layer.expert_ids)
+    torch.testing.assert_close(gpu_layer.bank.base1.cpu(), cpu_layer.bank.base1, rtol=1e-4, atol=1e-4)
