@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import materialize
+from quant import Int4Store, Int4Tensor, quantize_int4
 from router import Routing
 
 
@@ -126,9 +127,12 @@ class ClusteredBank(nn.Module):
     with no per-expert sort. Expert e = g*m + j owns columns j*r:(j+1)*r.
     """
 
+    BASES, FACTORS = ("base1", "base2"), ("u1", "v1", "u2", "v2")
+
     def __init__(self, n_clusters: int, m: int, d: int, h: int, rank: int):
         super().__init__()
         self.n_clusters, self.m, self.rank = n_clusters, m, rank
+        self.quantized = False
         self.base1 = nn.Parameter(torch.zeros(n_clusters, d, h))
         self.base2 = nn.Parameter(torch.zeros(n_clusters, h, d))
         self.u1 = nn.Parameter(torch.zeros(n_clusters, d, m * rank))
@@ -156,8 +160,57 @@ class ClusteredBank(nn.Module):
 
     def weights(self):
         """(W1 (E, d, h), W2 (E, h, d)): every expert materialized, W = B + U V."""
+        if self.quantized:
+            raise RuntimeError("a quantized bank is for inference; recluster the float model")
         u1, v1, u2, v2 = self.factors()
         return materialize(self.base1, u1, v1), materialize(self.base2, u2, v2)
+
+    def quantize_(self, group_size: int = 64, symmetric: bool = True):
+        """Inference storage (paper: heterogeneous precision): bases become FP16 buffers,
+        residual factors packed INT4 with groups along each matrix's input dimension."""
+        if self.quantized:
+            return self
+        for name in self.BASES:
+            value = getattr(self, name).detach().half()
+            delattr(self, name)
+            self.register_buffer(name, value)
+        for name in self.FACTORS:
+            value = getattr(self, name).detach().transpose(-1, -2).contiguous()  # (G, out, in)
+            delattr(self, name)
+            self.add_module(name + "_q", Int4Store(quantize_int4(value, group_size, symmetric)))
+        self.quantized = True
+        return self
+
+    def weight_tensors(self, dtype=None) -> dict:
+        """The six weights the forward uses: parameters, or dequantized INT4 / FP16 buffers."""
+        if not self.quantized:
+            return {name: getattr(self, name) for name in self.BASES + self.FACTORS}
+        stored = {name: getattr(self, name) for name in self.BASES}
+        stored.update({name: getattr(self, name + "_q").tensor() for name in self.FACTORS})
+        return self.unpack(stored, dtype or torch.float32)
+
+    @staticmethod
+    def unpack(stored: dict, dtype) -> dict:
+        """Stored form -> compute form: INT4 factors (kept as (out, in) so groups run along
+        the input dimension) dequantized and transposed back; float tensors cast."""
+        return {n: v.dequantize(dtype).transpose(-1, -2) if isinstance(v, Int4Tensor)
+                else v.to(dtype) for n, v in stored.items()}
+
+    def cluster_tensors(self, cluster: int) -> dict:
+        """One cluster's stored form (FP16 bases and INT4 slices, or float slices), for
+        offload.py; `unpack` turns a stack of them into forward weights."""
+        if not self.quantized:
+            return {n: t[cluster].detach() for n, t in self.weight_tensors().items()}
+        out = {name: getattr(self, name)[cluster] for name in self.BASES}
+        for name in self.FACTORS:
+            q = getattr(self, name + "_q").tensor()
+            out[name] = Int4Tensor(q.packed[cluster], q.scale[cluster],
+                                   None if q.zero is None else q.zero[cluster], q.shape[1:],
+                                   q.group_size, q.symmetric)
+        return out
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in list(self.parameters()) + list(self.buffers()))
 
     def forward(self, x: torch.Tensor, routing: Routing, grouped: bool,
                 tensors: dict | None = None) -> torch.Tensor:
@@ -169,9 +222,13 @@ class ClusteredBank(nn.Module):
         `tensors` may supply the six weights (e.g. dequantized or offloaded copies) in place
         of the parameters. Capacity limits do not apply: the clustered layer is dropless.
         """
-        w = tensors or dict(self.named_parameters())
+        if tensors is None:
+            dtype = torch.get_autocast_dtype(x.device.type) if \
+                torch.is_autocast_enabled(x.device.type) else x.dtype
+            tensors = self.weight_tensors(dtype)
+        w = tensors
         n_tokens, k = routing.expert_idx.shape
-        g, m, r = self.n_clusters, self.m, self.rank
+        g, m, r = w["base1"].shape[0], self.m, self.rank  # g < G when offload.py passes a subset
         order, inverse, offs = _sort_rows(routing.cluster_idx, g)
         xs = permute_rows(_compute_dtype(x), order, inverse)              # (N, d) by cluster
         local = (routing.expert_idx - routing.cluster_idx.unsqueeze(-1) * m)[order]  # (N, k)

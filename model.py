@@ -112,6 +112,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(d, n_experts, bias=False)   # rows = expert embeddings
         self.bank = ExpertBank(n_experts, d, cfg.ffn_hidden, out_std)
         self.register_parameter("cluster_router", None)   # (G, d), set when clustered
+        self.offload = None                                 # an offload.ClusterOffloader, if attached
         # Running statistics, read by train.py (load CV) and cluster.py (activation similarity).
         self.register_buffer("expert_counts", torch.zeros(n_experts))
         self.register_buffer("cluster_counts", torch.zeros(max(cfg.n_clusters, 1)))
@@ -140,14 +141,16 @@ class MoE(nn.Module):
                                       cfg.aux_loss_coef, cfg.z_loss_coef)
         return topk_route(logits, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef)
 
-    def forward(self, x, bank_tensors: dict | None = None):
+    def forward(self, x):
         B, T, C = x.shape
         x = x.reshape(B * T, C)                                           # (N, C)
         routing = self.route(x)
         impl = self.cfg.moe_impl
         grouped = impl == "grouped" or (impl == "auto" and grouped_available(x.device))
-        if self.clustered:
-            y = self.bank(x, routing, grouped, bank_tensors)
+        if self.offload is not None:
+            y = self.offload.run(self, x, routing, grouped)
+        elif self.clustered:
+            y = self.bank(x, routing, grouped)
         else:
             y = self.bank(x, routing, grouped, self.cfg.capacity_factor)
         self._record(x, routing)
@@ -230,11 +233,15 @@ class GPT(nn.Module):
         return logits, loss, aux
 
     def prepare_state_dict(self, state_dict: dict):
-        """Give each MoE layer the bank type the checkpoint holds, before load_state_dict."""
+        """Give each MoE layer the bank type (clustered, quantized) the checkpoint holds,
+        before load_state_dict."""
         for i, block in enumerate(self.blocks):
-            if isinstance(block.ffn, MoE) and f"blocks.{i}.ffn.bank.base1" in state_dict \
-                    and not block.ffn.clustered:
-                block.ffn.make_clustered()
+            prefix = f"blocks.{i}.ffn.bank."
+            if isinstance(block.ffn, MoE) and prefix + "base1" in state_dict:
+                if not block.ffn.clustered:
+                    block.ffn.make_clustered()
+                if prefix + "u1_q.packed" in state_dict:
+                    block.ffn.bank.quantize_()
 
     def param_counts(self) -> dict:
         """total, expert (all expert banks), and active (touched per token; embedding once)."""

@@ -3,9 +3,11 @@
 Owns: `quantize_int4` (float -> `Int4Tensor`), `Int4Tensor.dequantize` (back to float),
 the nibble packing underneath (`pack_nibbles` / `unpack_nibbles`), and moving or saving a
 quantized tensor (`to`, `pin_memory`, `state_dict` / `from_state_dict`).
-Does not own: which weights get quantized or when (model.py, bench.py), where they live
-(offload.py), or any INT4 matmul kernel: callers dequantize and then use a float matmul.
-Imports nothing from the rest of the repo.
+Also `Int4Store`, an Int4Tensor held as module buffers (so it is saved, loaded and moved like
+any weight), and `quantize_model`, which asks every module that offers `quantize_` to store
+itself this way. Does not own: which tensors of a module get quantized (the module's own
+`quantize_`, e.g. experts.ClusteredBank), where they live (offload.py), or any INT4 matmul
+kernel: callers dequantize and then use a float matmul. Imports nothing from the repo.
 
 Layout. Groups of `group_size` consecutive values run along the LAST dimension of the
 tensor given. To group along another dimension (e.g. the input dimension of an
@@ -23,6 +25,7 @@ stored fp16 numbers. Hence, with the stored scale, |w - dequantize(w)| <= scale 
 every element, up to float32 rounding of the dequantize arithmetic itself.
 """
 import torch
+import torch.nn as nn
 
 # Symmetric codes are stored with this offset so that every nibble is unsigned.
 SYMMETRIC_OFFSET = 8
@@ -208,3 +211,45 @@ def _fp16_down(x: torch.Tensor) -> torch.Tensor:
     """float32 -> the largest float16 <= x, so a zero never rises above its group's min."""
     h = x.half()
     return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, float("-inf"))), h)
+
+
+class Int4Store(nn.Module):
+    """An Int4Tensor as buffers: packed, scale, zero (empty when symmetric) and meta =
+    [group_size, symmetric, *shape]. A checkpoint may hold other shapes or group sizes than
+    a freshly built store, so loading resizes the buffers to what the checkpoint holds."""
+
+    def __init__(self, q: Int4Tensor):
+        super().__init__()
+        self.register_buffer("packed", q.packed)
+        self.register_buffer("scale", q.scale)
+        self.register_buffer("zero", q.zero if q.zero is not None else q.scale.new_zeros(0))
+        self.register_buffer("meta", torch.tensor([q.group_size, int(q.symmetric), *q.shape]))
+
+    def tensor(self) -> Int4Tensor:
+        group_size, symmetric, *shape = self.meta.tolist()
+        return Int4Tensor(self.packed, self.scale, None if symmetric else self.zero, shape,
+                          group_size, symmetric)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.tensor().dequantize(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (self.packed, self.scale, self.zero))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, buf in self.named_buffers(recurse=False):
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and incoming.shape != buf.shape:
+                setattr(self, name, torch.empty_like(incoming, device=buf.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def quantize_model(model: nn.Module, group_size: int = 64, symmetric: bool = True) -> int:
+    """In place, for inference: every module with a `quantize_(group_size, symmetric)` method
+    (the clustered expert banks: FP16 bases, INT4 residual factors) stores its weights
+    quantized. Returns how many modules were quantized; 0 means nothing to quantize."""
+    targets = [m for m in model.modules() if hasattr(m, "quantize_")]
+    for module in targets:
+        module.quantize_(group_size, symmetric)
+    return len(targets)

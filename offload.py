@@ -1,0 +1,154 @@
+"""Which clusters live on the GPU: an LRU cache of cluster weights under a byte budget.
+
+Owns: `ClusterOffloader`, which takes every clustered expert bank of a model off the GPU
+into pinned CPU memory (one entry per (layer, cluster): FP16 bases and INT4 or float
+factors), copies a cluster in on a side CUDA stream when the router selects it, evicts the
+least recently used clusters to stay within the budget, prefetches the clusters the next
+layer's router is likely to pick, and counts bytes moved, hits, misses and stalls.
+Does not own: what a cluster computes (experts.py) or how it is quantized (quant.py).
+
+Inference only. The one host sync per layer is the routing decision itself (which clusters
+got tokens); the prefetch guess for the next layer costs a second one. On a CPU "device"
+the same code runs with plain copies, which is how the tests check it without a GPU.
+"""
+from collections import OrderedDict
+
+import torch
+
+from quant import Int4Tensor
+from router import Routing
+
+
+def _nbytes(value) -> int:
+    return value.nbytes if isinstance(value, Int4Tensor) else value.numel() * value.element_size()
+
+
+def _move(value, device, non_blocking):
+    return value.to(device, non_blocking=non_blocking)
+
+
+class ClusterOffloader:
+    """Attach with `ClusterOffloader(model, budget_bytes, device)`; detach with `.close()`.
+
+    A layer whose tokens need more clusters than the budget holds still runs: its clusters
+    are pinned for that layer and the excess is recorded in `stats['over_budget_bytes']`.
+    """
+
+    def __init__(self, model, budget_bytes: int, device, prefetch: bool = True):
+        self.device = torch.device(device)
+        self.budget = int(budget_bytes)
+        self.prefetch_enabled = prefetch
+        self.layers = [layer for layer in model.moe_layers() if layer.clustered]
+        if not self.layers:
+            raise ValueError("offload needs clustered MoE layers (train with --moe=clustered "
+                             "past warmup_iters, or run cluster.recluster_model first)")
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.cpu = {}  # (layer, cluster) -> {name: pinned CPU tensor or Int4Tensor}
+        for index, layer in enumerate(self.layers):
+            for cluster in range(layer.bank.n_clusters):
+                entry = {n: _move(v, "cpu", False) for n, v in layer.bank.cluster_tensors(cluster).items()}
+                self.cpu[index, cluster] = {n: v.pin_memory() if cuda else v for n, v in entry.items()}
+            # The bank's own storage leaves the device: only the cache holds GPU copies now.
+            layer.bank.to("meta")
+            layer.offload, layer.offload_index = self, index
+        self.resident = OrderedDict()  # (layer, cluster) -> (tensors on device, nbytes, event)
+        self.stats = {"bytes_moved": 0, "hits": 0, "misses": 0, "stalls": 0, "evictions": 0,
+                      "prefetches": 0, "resident_bytes": 0, "peak_resident_bytes": 0,
+                      "over_budget_bytes": 0}
+
+    def entry_bytes(self, key) -> int:
+        return sum(_nbytes(v) for v in self.cpu[key].values())
+
+    def _evict_for(self, incoming: int, keep: set):
+        for key in list(self.resident):
+            if self.stats["resident_bytes"] + incoming <= self.budget:
+                return
+            if key not in keep:
+                self.stats["resident_bytes"] -= self.resident.pop(key)[1]
+                self.stats["evictions"] += 1
+
+    def _load(self, key, keep: set):
+        """Start copying one cluster in (side stream on CUDA); no wait here."""
+        if key in self.resident:
+            return
+        nbytes = self.entry_bytes(key)
+        self._evict_for(nbytes, keep)
+        cuda = self.stream is not None
+        if cuda:
+            # The copy may not start before the compute stream stops using evicted memory.
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                tensors = {n: _move(v, self.device, True) for n, v in self.cpu[key].items()}
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        else:
+            tensors, event = {n: _move(v, self.device, False) for n, v in self.cpu[key].items()}, None
+        self.resident[key] = (tensors, nbytes, event)
+        self.stats["bytes_moved"] += nbytes
+        self.stats["resident_bytes"] += nbytes
+        self.stats["peak_resident_bytes"] = max(self.stats["peak_resident_bytes"],
+                                                self.stats["resident_bytes"])
+        over = self.stats["resident_bytes"] - self.budget
+        self.stats["over_budget_bytes"] = max(self.stats["over_budget_bytes"], over)
+
+    def prefetch(self, index: int, clusters: list[int]):
+        keep = {(index, c) for c in clusters}
+        for cluster in clusters:
+            if (index, cluster) not in self.resident:
+                self.stats["prefetches"] += 1
+                self._load((index, cluster), keep)
+
+    def weights_for(self, index: int, clusters: list[int], dtype) -> dict:
+        """Stack the chosen clusters' weights, in the given order, for the bank's forward."""
+        keep = {(index, c) for c in clusters}
+        parts = []
+        for cluster in clusters:
+            key = (index, cluster)
+            if key in self.resident:
+                self.stats["hits"] += 1
+            else:
+                self.stats["misses"] += 1
+                self._load(key, keep)
+            tensors, _, event = self.resident[key]
+            self.resident.move_to_end(key)
+            if event is not None:
+                if not event.query():
+                    self.stats["stalls"] += 1
+                torch.cuda.current_stream(self.device).wait_event(event)
+            parts.append(self.layers[index].bank.unpack(tensors, dtype))
+        return {n: torch.stack([p[n] for p in parts]) for n in parts[0]}
+
+    def run(self, layer, x: torch.Tensor, routing: Routing, grouped: bool) -> torch.Tensor:
+        """The clustered bank's forward over only the clusters this batch routes to."""
+        index = layer.offload_index
+        counts = routing.cluster_counts
+        clusters = torch.nonzero(counts > 0).flatten().tolist()  # the routing decision: a sync
+        if self.prefetch_enabled and index + 1 < len(self.layers):
+            self._prefetch_next(index + 1, x)
+        dtype = torch.get_autocast_dtype(x.device.type) if \
+            torch.is_autocast_enabled(x.device.type) else x.dtype
+        tensors = self.weights_for(index, clusters, dtype)
+        compact = torch.full_like(counts, -1, dtype=torch.long)
+        compact[clusters] = torch.arange(len(clusters), device=counts.device)
+        m = layer.bank.m
+        local = routing.expert_idx - routing.cluster_idx.unsqueeze(-1) * m
+        cluster_idx = compact[routing.cluster_idx]
+        subset = Routing(cluster_idx.unsqueeze(-1) * m + local, routing.gates, routing.aux_loss,
+                         routing.expert_counts, cluster_idx, counts[clusters])
+        return layer.bank(x, subset, grouped, tensors)
+
+    def _prefetch_next(self, index: int, x: torch.Tensor):
+        """Guess the next layer's clusters from this layer's input (the residual stream
+        changes little between layers) and start their copies now."""
+        layer = self.layers[index]
+        logits = torch.nn.functional.linear(x, layer.cluster_router.to(x.dtype))
+        guess = torch.unique(logits.argmax(-1)).tolist()
+        self.prefetch(index, guess)
+
+    def close(self):
+        """Detach from the layers; their banks stay on 'meta' (reload the checkpoint to use
+        the model without offload)."""
+        for layer in self.layers:
+            layer.offload = None
+        self.resident.clear()
