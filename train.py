@@ -267,6 +267,15 @@ def train(cfg: TrainConfig) -> dict:
                         dist.broadcast(buf, 0)
             result = recluster_model(model, cfg.alpha, seed=cfg.seed + it)
             moved_since_eval += result["moved"]
+            if master:  # membership[layer][expert] = cluster of each original expert
+                m = cfg.n_experts // cfg.n_clusters
+                membership = [[0] * cfg.n_experts for _ in layers]
+                for row, layer in zip(membership, layers):
+                    for slot, expert in enumerate(layer.expert_ids.tolist()):
+                        row[expert] = slot // m
+                with open(out_dir / "reclusters.jsonl", "a") as f:
+                    f.write(json.dumps({"iter": it, "moved": result["moved"],
+                                        "membership": membership}) + "\n")
             optimizer = build_optimizer(model, cfg, optimizer, result["reset"])
             runner = wrap()  # DDP must see the new parameter set
             for acc in load_acc + cluster_acc:  # slots were permuted: count afresh

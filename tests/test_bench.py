@@ -1,0 +1,33 @@
+"""bench.py --smoke: every section runs on CPU and the results hold together."""
+import json
+import math
+
+import bench
+
+
+def test_smoke_runs_every_section(tmp_path):
+    cfg = bench.BenchConfig(smoke=True, out_dir=str(tmp_path / "bench"), data_dir=str(tmp_path / "data"))
+    results = bench.main(cfg)
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert set(saved) >= {"env", "layers", "models", "inference", "quality", "claims"}
+    assert {r["layer"] for r in saved["layers"]} >= {"dense FFN d->k*h->d", "top-k MoE, loop",
+                                                      "clustered MoE, loop"}
+    assert all(r["ms"] > 0 for r in saved["layers"])
+    params = {r["model"]: r for r in saved["models"]}
+    assert params["clustered"]["expert_params"] < params["topk"]["expert_params"]
+    assert [r["model"] for r in saved["inference"]][:5] == [
+        "dense", "topk", "clustered", "clustered+int4", "clustered+int4+offload"]
+    offload = saved["inference"][4]
+    assert offload["bytes_moved"] > 0 and offload["misses"] > 0
+    runs = saved["quality"]["runs"]
+    assert all(math.isfinite(runs[m]["val_loss"]) for m in ("dense", "topk", "clustered"))
+    # real routing decisions: a clustered token visits exactly one device, top-k up to k
+    assert runs["clustered"]["devices_per_token"] == 1.0
+    assert 1.0 <= runs["topk"]["devices_per_token"] <= 2.0
+    assert runs["clustered"]["ckpt_mib_int4"] < runs["clustered"]["ckpt_mib_float"]
+    assert len(runs["clustered"]["reclusters"]) >= 1
+    claims = {c["claim"]: c for c in saved["claims"]}
+    assert claims["routing candidates per token"]["measured"] == "8 -> 6"
+    assert results["claims"] == saved["claims"]
+    for png in saved.get("plots", []):
+        assert (tmp_path / "bench" / png).stat().st_size > 1000
