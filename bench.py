@@ -253,8 +253,8 @@ def bench_inference(cfg: BenchConfig, device) -> list[dict]:
             tc = _model_config(cfg, variant.split("+")[0], big)
             model = _build(tc, device, dtype).eval()
             cache = None
-            if "int4" in variant:
-                quantize_model(model)
+            if "int4" in variant:  # 16-bit bases in the forward's dtype: no per-step cast
+                quantize_model(model, base_dtype=dtype)
             if "offload" in variant:
                 cache = ClusterOffloader(model, 0, device)
                 cache.budget = cfg.offload_clusters * cache.entry_bytes((0, 0))

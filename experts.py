@@ -165,13 +165,14 @@ class ClusteredBank(nn.Module):
         u1, v1, u2, v2 = self.factors()
         return materialize(self.base1, u1, v1), materialize(self.base2, u2, v2)
 
-    def quantize_(self, group_size: int = 64, symmetric: bool = True):
-        """Inference storage (paper: heterogeneous precision): bases become FP16 buffers,
+    def quantize_(self, group_size: int = 64, symmetric: bool = True, base_dtype=torch.float16):
+        """Inference storage (paper: heterogeneous precision): bases become 16-bit buffers
+        (FP16 as in the paper; pass bfloat16 to match a bf16 forward and skip a per-step cast),
         residual factors packed INT4 with groups along each matrix's input dimension."""
         if self.quantized:
             return self
         for name in self.BASES:
-            value = getattr(self, name).detach().half()
+            value = getattr(self, name).detach().to(base_dtype)
             delattr(self, name)
             self.register_buffer(name, value)
         for name in self.FACTORS:

@@ -241,7 +241,7 @@ class GPT(nn.Module):
                 if not block.ffn.clustered:
                     block.ffn.make_clustered()
                 if prefix + "u1_q.packed" in state_dict:
-                    block.ffn.bank.quantize_()
+                    block.ffn.bank.quantize_(base_dtype=state_dict[prefix + "base1"].dtype)
 
     def param_counts(self) -> dict:
         """total, expert (all expert banks), and active (touched per token; embedding once)."""

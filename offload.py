@@ -7,8 +7,10 @@ least recently used clusters to stay within the budget, prefetches the clusters 
 layer's router is likely to pick, and counts bytes moved, hits, misses and stalls.
 Does not own: what a cluster computes (experts.py) or how it is quantized (quant.py).
 
-Inference only. The one host sync per layer is the routing decision itself (which clusters
-got tokens); the prefetch guess for the next layer costs a second one. On a CPU "device"
+Inference only. The one host sync per layer is the routing decision itself (how many tokens
+each cluster got); the prefetch guess for the next layer costs a second one. Clusters are
+computed one at a time over contiguous slices of cluster-sorted tokens, so the next
+cluster's copy overlaps the current one's compute. On a CPU "device"
 the same code runs with plain copies, which is how the tests check it without a GPU.
 """
 from collections import OrderedDict
@@ -30,8 +32,8 @@ def _move(value, device, non_blocking):
 class ClusterOffloader:
     """Attach with `ClusterOffloader(model, budget_bytes, device)`; detach with `.close()`.
 
-    A layer whose tokens need more clusters than the budget holds still runs: its clusters
-    are pinned for that layer and the excess is recorded in `stats['over_budget_bytes']`.
+    Residency stays within the budget except for the two clusters in use (the one computing
+    and the next one copying in); any excess is recorded in `stats['over_budget_bytes']`.
     """
 
     def __init__(self, model, budget_bytes: int, device, prefetch: bool = True):
@@ -92,51 +94,60 @@ class ClusterOffloader:
         over = self.stats["resident_bytes"] - self.budget
         self.stats["over_budget_bytes"] = max(self.stats["over_budget_bytes"], over)
 
-    def prefetch(self, index: int, clusters: list[int]):
-        keep = {(index, c) for c in clusters}
+    def prefetch(self, index: int, clusters: list[int], keep: set | None = None):
+        """Start copies of these clusters of layer `index`; `keep` may not be evicted for them."""
+        keep = keep or {(index, c) for c in clusters}
         for cluster in clusters:
             if (index, cluster) not in self.resident:
                 self.stats["prefetches"] += 1
                 self._load((index, cluster), keep)
 
-    def weights_for(self, index: int, clusters: list[int], dtype) -> dict:
-        """Stack the chosen clusters' weights, in the given order, for the bank's forward."""
-        keep = {(index, c) for c in clusters}
-        parts = []
-        for cluster in clusters:
-            key = (index, cluster)
-            if key in self.resident:
-                self.stats["hits"] += 1
-            else:
-                self.stats["misses"] += 1
-                self._load(key, keep)
-            tensors, _, event = self.resident[key]
-            self.resident.move_to_end(key)
-            if event is not None:
-                if not event.query():
-                    self.stats["stalls"] += 1
-                torch.cuda.current_stream(self.device).wait_event(event)
-            parts.append(self.layers[index].bank.unpack(tensors, dtype))
-        return {n: torch.stack([p[n] for p in parts]) for n in parts[0]}
+    def weights_for(self, index: int, cluster: int, dtype, keep: set) -> dict:
+        """One cluster's forward weights, shaped (1, ...) as the bank expects; waits for its
+        copy (a stall if it is still in flight)."""
+        key = (index, cluster)
+        if key in self.resident:
+            self.stats["hits"] += 1
+        else:
+            self.stats["misses"] += 1
+            self._load(key, keep)
+        tensors, _, event = self.resident[key]
+        self.resident.move_to_end(key)
+        if event is not None:
+            if not event.query():
+                self.stats["stalls"] += 1
+            torch.cuda.current_stream(self.device).wait_event(event)
+        unpacked = self.layers[index].bank.unpack(tensors, dtype)
+        return {n: v.unsqueeze(0) for n, v in unpacked.items()}
 
     def run(self, layer, x: torch.Tensor, routing: Routing, grouped: bool) -> torch.Tensor:
-        """The clustered bank's forward over only the clusters this batch routes to."""
-        index = layer.offload_index
-        counts = routing.cluster_counts
-        clusters = torch.nonzero(counts > 0).flatten().tolist()  # the routing decision: a sync
+        """The clustered bank's forward, streamed one cluster at a time: tokens are sorted by
+        cluster once; while cluster c computes on its slice, cluster c+1 is copying in. Only
+        the budget plus the clusters in use are resident, never a stack of them all."""
+        index, m = layer.offload_index, layer.bank.m
+        counts = routing.cluster_counts.tolist()  # the routing decision itself: one host sync
         if self.prefetch_enabled and index + 1 < len(self.layers):
             self._prefetch_next(index + 1, x)
         dtype = torch.get_autocast_dtype(x.device.type) if \
             torch.is_autocast_enabled(x.device.type) else x.dtype
-        tensors = self.weights_for(index, clusters, dtype)
-        compact = torch.full_like(counts, -1, dtype=torch.long)
-        compact[clusters] = torch.arange(len(clusters), device=counts.device)
-        m = layer.bank.m
-        local = routing.expert_idx - routing.cluster_idx.unsqueeze(-1) * m
-        cluster_idx = compact[routing.cluster_idx]
-        subset = Routing(cluster_idx.unsqueeze(-1) * m + local, routing.gates, routing.aux_loss,
-                         routing.expert_counts, cluster_idx, counts[clusters])
-        return layer.bank(x, subset, grouped, tensors)
+        order = routing.cluster_idx.argsort(stable=True)
+        xs, expert_idx, gates = x[order], routing.expert_idx[order], routing.gates[order]
+        out = torch.empty(x.shape[0], x.shape[1], device=x.device, dtype=dtype)  # (N, d)
+        clusters = [c for c, n in enumerate(counts) if n > 0]
+        start = 0
+        for i, cluster in enumerate(clusters):
+            keep = {(index, c) for c in clusters[i:i + 2]}
+            if i + 1 < len(clusters):
+                self.prefetch(index, clusters[i + 1:i + 2], keep)  # overlaps this cluster's compute
+            weights = self.weights_for(index, cluster, dtype, keep)
+            rows = slice(start, start + int(counts[cluster]))
+            start = rows.stop
+            local = expert_idx[rows] - cluster * m            # within-cluster ids, as cluster 0
+            zeros = torch.zeros_like(local[:, 0])
+            subset = Routing(local, gates[rows], routing.aux_loss, routing.expert_counts, zeros,
+                             routing.cluster_counts[cluster:cluster + 1])
+            out[rows] = layer.bank(xs[rows], subset, grouped, weights).to(dtype)
+        return torch.empty_like(out).index_copy_(0, order, out)
 
     def _prefetch_next(self, index: int, x: torch.Tensor):
         """Guess the next layer's clusters from this layer's input (the residual stream

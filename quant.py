@@ -245,11 +245,12 @@ class Int4Store(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def quantize_model(model: nn.Module, group_size: int = 64, symmetric: bool = True) -> int:
-    """In place, for inference: every module with a `quantize_(group_size, symmetric)` method
-    (the clustered expert banks: FP16 bases, INT4 residual factors) stores its weights
-    quantized. Returns how many modules were quantized; 0 means nothing to quantize."""
+def quantize_model(model: nn.Module, group_size: int = 64, symmetric: bool = True,
+                   base_dtype=torch.float16) -> int:
+    """In place, for inference: every module with a `quantize_(group_size, symmetric,
+    base_dtype)` method (the clustered expert banks: 16-bit bases, INT4 residual factors)
+    stores its weights quantized. Returns how many modules were quantized (0: none)."""
     targets = [m for m in model.modules() if hasattr(m, "quantize_")]
     for module in targets:
-        module.quantize_(group_size, symmetric)
+        module.quantize_(group_size, symmetric, base_dtype)
     return len(targets)

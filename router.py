@@ -84,9 +84,8 @@ def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor
     expert_counts = count(expert_idx, n_experts)
     # Within-cluster balance: Switch loss inside each cluster, over the tokens it received,
     # averaged over the clusters that received any.
-    prob_sum = torch.zeros(n_tokens, n_clusters, m, device=within_probs.device)
-    prob_sum = prob_sum.scatter(1, cluster_idx.view(-1, 1, 1).expand(-1, 1, m),
-                                within_probs.unsqueeze(1)).sum(0)         # (G, m)
+    prob_sum = torch.zeros(n_clusters, m, device=within_probs.device).index_add_(
+        0, cluster_idx, within_probs)                                      # (G, m)
     tokens_in = cluster_counts.clamp(min=1).unsqueeze(-1)                 # (G, 1)
     fraction = expert_counts.view(n_clusters, m) / (k * tokens_in)
     within = m * (fraction * prob_sum / tokens_in).sum(-1)                # (G,)

@@ -38,6 +38,7 @@ def test_offloaded_forward_equals_resident(quantized):
         torch.testing.assert_close(offloaded(idx)[0], plain(idx)[0])
     stats = cache.stats
     assert stats["misses"] > 0 and stats["evictions"] > 0
+    assert stats["peak_resident_bytes"] <= 2 * entry    # the budget: streaming, never stacking
     assert stats["bytes_moved"] == (stats["misses"] + stats["prefetches"]) * entry
 
 
@@ -59,7 +60,7 @@ def test_lru_evicts_least_recently_used_within_budget():
     entry = cache.entry_bytes((0, 0))
     cache.budget = 2 * entry
     for cluster in (0, 1, 0, 2):       # 1 is least recently used when 2 arrives
-        cache.weights_for(0, [cluster], torch.float32)
+        cache.weights_for(0, cluster, torch.float32, {(0, cluster)})
     assert list(cache.resident) == [(0, 0), (0, 2)]
     assert cache.stats["resident_bytes"] == 2 * entry <= cache.budget
     assert cache.stats["hits"] == 1 and cache.stats["misses"] == 3
