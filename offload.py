@@ -70,11 +70,19 @@ class ClusterOffloader:
                 self.stats["resident_bytes"] -= self.resident.pop(key)[1]
                 self.stats["evictions"] += 1
 
-    def _load(self, key, keep: set):
-        """Start copying one cluster in (side stream on CUDA); no wait here."""
+    def _fits(self, incoming: int, keep: set) -> bool:
+        """Whether `incoming` bytes fit the budget once every entry outside `keep` is evicted."""
+        pinned = sum(n for key, (_, n, _) in self.resident.items() if key in keep)
+        return pinned + incoming <= self.budget
+
+    def _load(self, key, keep: set, speculative: bool = False):
+        """Start copying one cluster in (side stream on CUDA); no wait here. A speculative
+        load (a guess about the next layer) is skipped unless it fits the budget."""
         if key in self.resident:
             return
         nbytes = self.entry_bytes(key)
+        if speculative and not self._fits(nbytes, keep):
+            return
         self._evict_for(nbytes, keep)
         cuda = self.stream is not None
         if cuda:
@@ -94,13 +102,14 @@ class ClusterOffloader:
         over = self.stats["resident_bytes"] - self.budget
         self.stats["over_budget_bytes"] = max(self.stats["over_budget_bytes"], over)
 
-    def prefetch(self, index: int, clusters: list[int], keep: set | None = None):
+    def prefetch(self, index: int, clusters: list[int], keep: set | None = None,
+                 speculative: bool = False):
         """Start copies of these clusters of layer `index`; `keep` may not be evicted for them."""
         keep = keep or {(index, c) for c in clusters}
         for cluster in clusters:
             if (index, cluster) not in self.resident:
-                self.stats["prefetches"] += 1
-                self._load((index, cluster), keep)
+                self._load((index, cluster), keep, speculative)
+                self.stats["prefetches"] += (index, cluster) in self.resident
 
     def weights_for(self, index: int, cluster: int, dtype, keep: set) -> dict:
         """One cluster's forward weights, shaped (1, ...) as the bank expects; waits for its
@@ -126,14 +135,14 @@ class ClusterOffloader:
         the budget plus the clusters in use are resident, never a stack of them all."""
         index, m = layer.offload_index, layer.bank.m
         counts = routing.cluster_counts.tolist()  # the routing decision itself: one host sync
+        clusters = [c for c, n in enumerate(counts) if n > 0]
         if self.prefetch_enabled and index + 1 < len(self.layers):
-            self._prefetch_next(index + 1, x)
+            self._prefetch_next(index + 1, x, {(index, c) for c in clusters})
         dtype = torch.get_autocast_dtype(x.device.type) if \
             torch.is_autocast_enabled(x.device.type) else x.dtype
         order = routing.cluster_idx.argsort(stable=True)
         xs, expert_idx, gates = x[order], routing.expert_idx[order], routing.gates[order]
         out = torch.empty(x.shape[0], x.shape[1], device=x.device, dtype=dtype)  # (N, d)
-        clusters = [c for c, n in enumerate(counts) if n > 0]
         start = 0
         for i, cluster in enumerate(clusters):
             keep = {(index, c) for c in clusters[i:i + 2]}
@@ -149,13 +158,14 @@ class ClusterOffloader:
             out[rows] = layer.bank(xs[rows], subset, grouped, weights).to(dtype)
         return torch.empty_like(out).index_copy_(0, order, out)
 
-    def _prefetch_next(self, index: int, x: torch.Tensor):
+    def _prefetch_next(self, index: int, x: torch.Tensor, current: set):
         """Guess the next layer's clusters from this layer's input (the residual stream
-        changes little between layers) and start their copies now."""
+        changes little between layers) and start their copies now, only into budget that
+        this layer's own clusters (`current`) do not need: a guess never evicts them."""
         layer = self.layers[index]
         logits = torch.nn.functional.linear(x, layer.cluster_router.to(x.dtype))
         guess = torch.unique(logits.argmax(-1)).tolist()
-        self.prefetch(index, guess)
+        self.prefetch(index, guess, current | {(index, c) for c in guess}, speculative=True)
 
     def close(self):
         """Detach from the layers; their banks stay on 'meta' (reload the checkpoint to use
