@@ -93,13 +93,19 @@ def balanced_kmeans(similarity: torch.Tensor, n_clusters: int, init: torch.Tenso
     return assignment
 
 
+def _same_partition(assignment: torch.Tensor, previous: torch.Tensor, n_clusters: int) -> bool:
+    """Whether every new cluster holds exactly the members of one old cluster."""
+    return all(previous[assignment == c].unique().numel() == 1 for c in range(n_clusters))
+
+
 @torch.no_grad()
 def recluster(layer, alpha: float = 0.5, seed: int = 0) -> dict:
     """Regroup one model.MoE layer and re-factorize it into a shared base + rank-r residuals.
 
-    Materializes W = B + UV (or takes the dense experts on the first call), clusters by
-    fused similarity, re-factorizes, and permutes every per-expert quantity (router rows,
-    input means, ids) into the new cluster-major order. Cluster router rows are kept for
+    Materializes W = B + UV (or takes the dense experts on the first call) and clusters by
+    fused similarity. If the groups came out unchanged, nothing else changes. Otherwise it
+    re-factorizes and permutes every per-expert quantity (router rows, input means, ids)
+    into the new cluster-major order. Cluster router rows are kept for
     clusters whose members did not change, and set to the mean of the member experts'
     router rows otherwise. Returns {'moved': experts that changed cluster, 'reset': the
     parameters whose values were re-created, so their optimizer state must start fresh}.
@@ -110,6 +116,12 @@ def recluster(layer, alpha: float = 0.5, seed: int = 0) -> dict:
     similarity = fused_similarity(w1, w2, layer.input_mean, layer.router.weight, alpha)
     previous = torch.arange(cfg.n_experts) // m if layer.clustered else None
     assignment = balanced_kmeans(similarity, n_clusters, previous, seed=seed)
+    if previous is not None and _same_partition(assignment, previous, n_clusters):
+        # Same groups (perhaps relabelled): keep the trained factors and their optimizer
+        # state. Re-factorizing would cost an SVD per expert and be lossy, because the
+        # trained residuals U_e V_e - mean(U V) have rank up to m*r, not r.
+        layer.n_reclusters += 1
+        return {"moved": 0, "reset": []}
     order, base1, u1, v1 = factorize(w1, assignment.to(w1.device), n_clusters, cfg.rank)
     _, base2, u2, v2 = factorize(w2, assignment.to(w2.device), n_clusters, cfg.rank)
     order = order.cpu()

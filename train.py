@@ -256,7 +256,7 @@ def train(cfg: TrainConfig) -> dict:
     load_acc = [torch.zeros_like(l.expert_counts) for l in layers]
     cluster_acc = [torch.zeros_like(l.cluster_counts) for l in layers]
     loss_acc, loss_steps, moved_since_eval = torch.zeros((), device=device), 0, 0
-    record, t0, iters_timed = {}, time.perf_counter(), 0
+    record, t0, iters_timed, recluster_s = {}, time.perf_counter(), 0, 0.0
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
     for it in bar:
@@ -265,6 +265,7 @@ def train(cfg: TrainConfig) -> dict:
                 for layer in layers:
                     for buf in layer.buffers():
                         dist.broadcast(buf, 0)
+            t_recluster = time.perf_counter()
             result = recluster_model(model, cfg.alpha, seed=cfg.seed + it)
             moved_since_eval += result["moved"]
             if master:  # membership[layer][expert] = cluster of each original expert
@@ -280,6 +281,7 @@ def train(cfg: TrainConfig) -> dict:
             runner = wrap()  # DDP must see the new parameter set
             for acc in load_acc + cluster_acc:  # slots were permuted: count afresh
                 acc.zero_()
+            recluster_s += time.perf_counter() - t_recluster
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -316,6 +318,7 @@ def train(cfg: TrainConfig) -> dict:
             record = {"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss,
                       "val_ppl": math.exp(min(val_loss, 50)), "lr": lr,
                       "tokens_per_sec": iters_timed * tokens_per_iter / elapsed,
+                      "recluster_s": recluster_s,  # inside elapsed (and so in tokens_per_sec)
                       "load_cv": sum(load_cv(a).item() for a in load_acc) / max(1, len(layers)),
                       **model.param_counts(),
                       "n_reclusters": int(layers[0].n_reclusters) if layers else 0,
@@ -334,7 +337,7 @@ def train(cfg: TrainConfig) -> dict:
             for acc in load_acc + cluster_acc:
                 acc.zero_()
             loss_acc.zero_()
-            loss_steps, moved_since_eval, iters_timed = 0, 0, 0
+            loss_steps, moved_since_eval, iters_timed, recluster_s = 0, 0, 0, 0.0
             t0 = time.perf_counter()
     if ddp:
         dist.destroy_process_group()

@@ -63,6 +63,19 @@ def test_recluster_full_rank_unchanged_assignment_preserves_output():
     torch.testing.assert_close(layer(x)[0], before, rtol=1e-4, atol=1e-5)
 
 
+def test_unchanged_groups_keep_trained_factors_and_optimizer_state():
+    layer = _layer(rank=2)
+    recluster(layer)
+    with torch.no_grad():  # training makes residuals of rank up to m*r: refactorizing would lose it
+        for p in layer.bank.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in layer.bank.named_parameters()}
+    result = recluster(layer)
+    assert result == {"moved": 0, "reset": []} and int(layer.n_reclusters) == 2
+    for n, p in layer.bank.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_first_recluster_keeps_experts_and_permutes_router_with_them():
     layer = _layer(rank=8)
     w1_before = layer.bank.w1.detach().clone()
