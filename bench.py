@@ -410,25 +410,35 @@ def main(cfg: BenchConfig) -> dict:
            "command": "python bench.py " + " ".join(sys.argv[1:])}
     results = {"env": env, "config": asdict(cfg)}
     sections = cfg.sections.split(",")
+    unknown = set(sections) - {"layers", "profile", "models", "inference", "quality"}
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; valid: layers,profile,models,inference,quality")
+
+    def save():  # after every section, so a run cut short still leaves what it measured
+        (out / "bench.json").write_text(json.dumps(results, indent=1))
     if "layers" in sections:
         results["layers"] = bench_layers(cfg, device)
         print(f"\nOne FFN layer, forward+backward, {cfg.tokens} tokens, d={cfg.n_embd}, "
               f"h={cfg.ffn_hidden}, E={cfg.n_experts}, top-{cfg.top_k}, G={cfg.n_clusters}, "
               f"r={cfg.rank} ({env['device']}, torch {env['torch']}):")
         print(markdown(results["layers"], ["layer", "ms", "tokens_per_sec", "speed_vs_topk"]))
+        save()
     if "profile" in sections:
         results["profile"] = profile_layers(cfg, device)
+        save()
     if "models" in sections:
         results["models"] = bench_models(cfg, device)
         print("\nWhole models, default size, eager (train = fwd+bwd+AdamW step):")
         print(markdown(results["models"], ["model", "total_params", "active_params", "expert_params",
                                            "train_tokens_per_sec", "infer_tokens_per_sec", "train_peak_mib"]))
+        save()
     if "inference" in sections:
         results["inference"] = bench_inference(cfg, device)
         print(f"\nInference (prefill {cfg.batch_size} x block tokens, bf16 weights on CUDA; "
               f"offload budget {cfg.offload_clusters} clusters):")
         print(markdown(results["inference"], ["size", "model", "infer_tokens_per_sec", "peak_mib",
                                               "bytes_moved", "hits", "misses", "stalls"]))
+        save()
     if "quality" in sections:
         results["quality"] = bench_quality(cfg, device, out)
         runs = [{"model": k, **{c: v for c, v in r.items() if not isinstance(v, (list, dict))}}
@@ -436,13 +446,14 @@ def main(cfg: BenchConfig) -> dict:
         print(f"\nShort trainings on {cfg.dataset}, {cfg.train_iters} iterations each, same seed:")
         print(markdown(runs, ["model", "val_ppl", "train_tokens_per_sec", "load_cv", "load_variance",
                               "devices_per_token", "total_params", "expert_params"]))
+        save()
     results["claims"] = claims(results)
     try:
         import plots
         results["plots"] = plots.make_all(results, out)
     except ImportError as error:
         print(f"plots skipped: {error} (pip install matplotlib)")
-    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    save()
     if results["claims"]:
         print(f"\nThe paper's claims, measured ({env['device']}, torch {env['torch']}, {env['date']}; "
               f"`{env['command']}`):")
@@ -455,4 +466,7 @@ if __name__ == "__main__":
         config = parse_config(BenchConfig, sys.argv[1:])
     except ValueError as error:
         sys.exit(f"error: {error}")
-    main(config)
+    try:
+        main(config)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
