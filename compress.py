@@ -1,8 +1,9 @@
 """Expert weights <-> a shared base per cluster plus a rank-r residual per expert.
 
 Owns: `factorize` (base = mean of the cluster's members, residual = truncated SVD of each
-member's difference from the base), `materialize` (W_e = B[g(e)] + U_e V_e), and the
-parameter counts of both storages. Pure functions on tensors.
+member's difference from the base), `refactorize` (the same, for experts that are already
+in factored form, without materializing them), `materialize` (W_e = B[g(e)] + U_e V_e), and
+the parameter counts of both storages. Pure functions on tensors.
 Does not own: which experts form a cluster (cluster.py), the forward pass (experts.py).
 
 Shapes: E experts of matrices (a, b); G equal clusters of m = E / G; rank r.
@@ -42,6 +43,35 @@ def factorize(weights: torch.Tensor, assignment: torch.Tensor, n_clusters: int, 
     u = u_svd[:, :, :rank] * root.unsqueeze(1)                        # (E, a, r)
     v = root.unsqueeze(-1) * vh[:, :rank]                             # (E, r, b)
     return order, base.to(weights.dtype), u.to(weights.dtype), v.to(weights.dtype)
+
+
+def refactorize(base: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank: int):
+    """factorize(materialize(base, u, v)) for unchanged clusters, in O(m*r) instead of O(a*b).
+
+    Training moves each U_e V_e freely, so the members' residuals drift off a common mean
+    and their imbalance grows. Re-centring (the mean of the residuals joins the base) and
+    re-truncating to the best rank-r residual is what a full re-factorization would do, but
+    all residuals of a cluster live in span(U_1..U_m) x span(V_1..V_m): with thin QRs
+    [U_1..U_m] = Q1 R1 and [V_1; ..; V_m]^T = Q2 R2, expert e's centred residual is
+    Q1 (R1 C_e R2^T) Q2^T, C_e = diag(delta_ej - 1/m per rank block), so an SVD of the
+    (m*r x m*r) core gives it exactly. Shapes as factorize's outputs, cluster-major.
+    """
+    g, (n_experts, a, r), b = base.shape[0], u.shape, v.shape[-1]
+    m = n_experts // g
+    work = torch.promote_types(u.dtype, torch.float32)
+    big_u = u.to(work).view(g, m, a, r).permute(0, 2, 1, 3).reshape(g, a, m * r)   # [U_1..U_m]
+    big_v = v.to(work).reshape(g, m * r, b)                                       # [V_1;..;V_m]
+    mean = big_u @ big_v / m                                                      # (G, a, b)
+    q1, r1 = torch.linalg.qr(big_u)                                 # (G,a,k1), (G,k1,mr)
+    q2, r2 = torch.linalg.qr(big_v.transpose(1, 2))                 # (G,b,k2), (G,k2,mr)
+    coef = (torch.eye(m, dtype=work, device=u.device) - 1 / m).repeat_interleave(r, dim=1)  # (m, mr)
+    core = (r1.unsqueeze(1) * coef[None, :, None, :]) @ r2.transpose(1, 2).unsqueeze(1)  # (G,m,k1,k2)
+    p, s, wh = torch.linalg.svd(core)
+    root = s[..., :rank].sqrt()
+    new_u = q1.unsqueeze(1) @ (p[..., :rank] * root.unsqueeze(-2))               # (G, m, a, rank)
+    new_v = (root.unsqueeze(-1) * wh[..., :rank, :]) @ q2.transpose(1, 2).unsqueeze(1)
+    return ((base.to(work) + mean).to(base.dtype), new_u.reshape(n_experts, a, rank).to(u.dtype),
+            new_v.reshape(n_experts, rank, b).to(v.dtype))
 
 
 def materialize(base: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

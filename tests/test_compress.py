@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from compress import (clustered_expert_params, cluster_order, dense_expert_params, factorize,
-                      materialize)
+                      materialize, refactorize)
 
 
 def _weights(seed=0, e=8, a=6, b=10):
@@ -54,3 +54,15 @@ def test_parameter_formulas():
     assert dense_expert_params(32, 512, 2048) == 32 * 2 * 512 * 2048
     # per cluster two d*h bases, per expert U1 (d,r) V1 (r,h) U2 (h,r) V2 (r,d)
     assert clustered_expert_params(32, 8, 512, 2048, 16) == 8 * 2 * 512 * 2048 + 32 * 4 * 16 * 2560 // 2
+
+
+def test_refactorize_equals_factorize_of_materialized():
+    torch.manual_seed(3)
+    for a, b, rank in ((6, 10, 2), (12, 5, 3)):      # m*r above and below min(a, b)
+        base = torch.randn(3, a, b, dtype=torch.float64)
+        u, v = torch.randn(12, a, rank, dtype=torch.float64), torch.randn(12, rank, b, dtype=torch.float64)
+        _, ref_base, ref_u, ref_v = factorize(materialize(base, u, v), torch.arange(12) // 4, 3, rank)
+        new_base, new_u, new_v = refactorize(base, u, v, rank)
+        torch.testing.assert_close(new_base, ref_base)
+        torch.testing.assert_close(new_u @ new_v, ref_u @ ref_v)
+        torch.testing.assert_close(new_u.norm(dim=1), new_v.norm(dim=2))   # balanced split
