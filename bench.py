@@ -1,9 +1,9 @@
 """The paper's comparison, measured.  `python bench.py` (GPU), `python bench.py --smoke` (CPU).
 
-Owns: BenchConfig, timing (CUDA events, warm-up, median of repeats), and the sections:
+Owns: BenchConfig and the sections:
   layers     one FFN layer forward+backward: dense, top-k and clustered, grouped and loop
-             (DESIGN.md's hot-path table), optionally torch.compile'd
-  profile    the CUDA kernels that dominate each MoE layer's step (torch.profiler)
+             (DESIGN.md's hot-path table), optionally torch.compile'd (bench_layers.py)
+  profile    the CUDA kernels that dominate each MoE layer's step (bench_layers.py)
   models     whole models at train.py's default size: parameters, train and inference
              tokens/s, peak memory in training
   inference  dense, top-k, clustered, clustered+INT4, clustered+INT4+offload: inference
@@ -14,22 +14,22 @@ Owns: BenchConfig, timing (CUDA events, warm-up, median of repeats), and the sec
 and the closing table that marks each of the paper's claims met or not, with the ratio.
 Does not own: model code (model.py, train.py), plotting (plots.py).
 """
+import dataclasses
+import gc
 import json
+import math
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import dataclasses
-import gc
-import math
-
 import torch
 
 import data
-from cluster import recluster, recluster_model
-from model import GPT, MLP, MoE, GPTConfig
+from bench_layers import bench_layers, profile_layers, timed
+from cluster import recluster_model
+from model import GPT
 from offload import ClusterOffloader
 from quant import quantize_model
 from train import TrainConfig, evaluate, load_model, parse_config, train
@@ -74,101 +74,6 @@ class BenchConfig:
         self.batch_size, self.big_layers, self.big_embd, self.big_hidden = 2, 1, 32, 64
         self.train_iters, self.eval_iters, self.routing_batches = 4, 1, 1
         return self
-
-
-def timed(fn, device, repeats: int, warmup: int) -> float:
-    """Median milliseconds of fn(); CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def _layer_variants(cfg: BenchConfig, device):
-    """(name, module, impl) for each FFN layer variant at the benchmark's setting."""
-    torch.manual_seed(cfg.seed)
-    gpt_cfg = GPTConfig(n_embd=cfg.n_embd, ffn_hidden=cfg.ffn_hidden, n_experts=cfg.n_experts,
-                        top_k=cfg.top_k, n_clusters=cfg.n_clusters, rank=cfg.rank, moe="clustered")
-    variants = [("dense FFN d->k*h->d", MLP(cfg.n_embd, cfg.top_k * cfg.ffn_hidden), None)]
-    impls = ["grouped", "loop"] if device.type == "cuda" else ["loop"]
-    for kind in ("top-k", "clustered"):
-        for impl in impls:
-            layer = MoE(GPTConfig(**{**asdict(gpt_cfg), "moe_impl": impl}), 0.02)
-            if kind == "clustered":
-                layer.input_mean.normal_()
-                recluster(layer)
-            variants.append((f"{kind} MoE, {impl}", layer.to(device), impl))
-    return [(n, m.to(device), i) for n, m, i in variants]
-
-
-def _step_fn(layer, x, grad, device):
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-    def step():
-        with autocast:
-            y, aux = layer(x)
-        if aux.requires_grad:
-            y = y + 0 * aux  # the aux loss's backward is part of the layer's cost
-        y.backward(grad.to(y.dtype))
-    return step
-
-
-def bench_layers(cfg: BenchConfig, device) -> list[dict]:
-    """One FFN layer, forward + backward on (tokens, d) inputs, bf16 autocast on CUDA."""
-    x = torch.randn(1, cfg.tokens, cfg.n_embd, device=device, requires_grad=True)
-    grad = torch.randn_like(x)
-    variants = _layer_variants(cfg, device)
-    if cfg.compile_layers:
-        variants += [(f"{n}, compiled", torch.compile(m), i) for n, m, i in variants if i != "loop"]
-    rows = []
-    for name, layer, _ in variants:
-        try:
-            ms = timed(_step_fn(layer, x, grad, device), device, cfg.repeats, cfg.warmup)
-        except Exception as error:  # a compile failure is a result to report, not a crash
-            print(f"{name}: failed: {type(error).__name__}: {str(error)[:200]}")
-            continue
-        rows.append({"layer": name, "ms": ms, "tokens_per_sec": cfg.tokens / ms * 1e3})
-    ref = next((r["ms"] for r in rows if r["layer"].startswith("top-k")), rows[0]["ms"])
-    for row in rows:
-        row["speed_vs_topk"] = ref / row["ms"]
-    return rows
-
-
-def profile_layers(cfg: BenchConfig, device, top: int = 12) -> dict:
-    """Top kernels by device time for each grouped MoE layer: where the milliseconds go."""
-    from torch.profiler import ProfilerActivity, profile
-    x = torch.randn(1, cfg.tokens, cfg.n_embd, device=device, requires_grad=True)
-    grad = torch.randn_like(x)
-    tables = {}
-    for name, layer, impl in _layer_variants(cfg, device):
-        if impl == "loop":
-            continue
-        step = _step_fn(layer, x, grad, device)
-        for _ in range(cfg.warmup):
-            step()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for _ in range(5):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        tables[name] = prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=60)
-        print(f"\n== {name}: 5 steps ==\n{tables[name]}")
-    return tables
-
 
 
 def _model_config(cfg: BenchConfig, moe: str, big: bool = False) -> TrainConfig:
@@ -369,7 +274,7 @@ def claims(results: dict) -> list[dict]:
     def add(claim, paper, value, met):
         rows.append({"claim": claim, "paper": paper, "measured": value, "met": "yes" if met else "no"})
     runs = results.get("quality", {}).get("runs", {})
-    top, clu, den = runs.get("topk"), runs.get("clustered"), runs.get("dense")
+    top, clu = runs.get("topk"), runs.get("clustered")
     if top and clu:
         ratio = clu["total_params"] / top["total_params"]
         add("total parameters vs top-k", "about 80% fewer", f"{1 - ratio:.0%} fewer ({ratio:.2f}x)", ratio <= 0.25)
