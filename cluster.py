@@ -104,10 +104,10 @@ def recluster(layer, alpha: float = 0.5, seed: int = 0) -> dict:
 
     Materializes W = B + UV (or takes the dense experts on the first call) and clusters by
     fused similarity. If the groups came out unchanged, it re-factorizes each cluster in
-    factored form and moves nothing. Otherwise it re-factorizes and permutes every per-expert quantity (router rows, input means, ids)
-    into the new cluster-major order. Cluster router rows are kept for
-    clusters whose members did not change, and set to the mean of the member experts'
-    router rows otherwise. Returns {'moved': experts that changed cluster, 'reset': the
+    factored form and moves nothing. Otherwise it re-factorizes and permutes every
+    per-expert quantity (router rows, input means, ids) into the new cluster-major order.
+    Cluster router rows are kept for clusters whose members did not change, and set to the
+    mean of the member experts' router rows otherwise. Returns {'moved': experts that changed cluster, 'reset': the
     parameters whose values were re-created, so their optimizer state must start fresh}.
     """
     cfg = layer.cfg

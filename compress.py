@@ -46,7 +46,7 @@ def factorize(weights: torch.Tensor, assignment: torch.Tensor, n_clusters: int, 
 
 
 def refactorize(base: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank: int):
-    """factorize(materialize(base, u, v)) for unchanged clusters, in O(m*r) instead of O(a*b).
+    """factorize(materialize(base, u, v)) for unchanged clusters, without an (a x b) SVD per expert.
 
     Training moves each U_e V_e freely, so the members' residuals drift off a common mean
     and their imbalance grows. Re-centring (the mean of the residuals joins the base) and
@@ -54,7 +54,8 @@ def refactorize(base: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank: int)
     all residuals of a cluster live in span(U_1..U_m) x span(V_1..V_m): with thin QRs
     [U_1..U_m] = Q1 R1 and [V_1; ..; V_m]^T = Q2 R2, expert e's centred residual is
     Q1 (R1 C_e R2^T) Q2^T, C_e = diag(delta_ej - 1/m per rank block), so an SVD of the
-    (m*r x m*r) core gives it exactly. Shapes as factorize's outputs, cluster-major.
+    (m*r x m*r) core gives it exactly. Cost: the mean, two thin QRs per cluster and E small
+    SVDs. Shapes as factorize's outputs, cluster-major.
     """
     g, (n_experts, a, r), b = base.shape[0], u.shape, v.shape[-1]
     m = n_experts // g
