@@ -1,20 +1,25 @@
 """One FFN layer, timed: DESIGN.md's hot-path table.  Used by bench.py (--sections=layers,profile).
 
 Owns: `timed` (CUDA events, warm-up, median of repeats; perf_counter on CPU), the layer
-variants at one setting (dense FFN, top-k and clustered MoE, grouped and loop paths),
-their forward+backward timing, optionally torch.compile'd, and a torch.profiler table of
-the kernels that dominate each grouped layer.
+variants at one setting (dense FFN, `MinimalTopK` as the yardstick, top-k and clustered MoE,
+grouped and loop paths, the clustered layer with fused.gelu_combine on CUDA), their
+forward+backward timing, optionally torch.compile'd, and a torch.profiler table of the
+kernels that dominate each grouped layer.
 Does not own: the setting itself (bench.BenchConfig: tokens, n_embd, ffn_hidden,
 n_experts, top_k, n_clusters, rank, repeats, warmup, seed, compile_layers) or whole models.
 """
+import math
 import statistics
 import time
 from dataclasses import asdict
 
 import torch
+import torch.nn as nn
 
 from cluster import recluster
-from model import MLP, MoE, GPTConfig
+from experts import gelu, grouped_available, resolve_matmul
+from fused import combine_available
+from model import MLP, MoE, GPTConfig, init_weights
 
 
 def timed(fn, device, repeats: int, warmup: int) -> float:
@@ -37,20 +42,62 @@ def timed(fn, device, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+class MinimalTopK(nn.Module):
+    """The yardstick for our top-k layer: the least a dropless top-k MoE must do. Router linear,
+    softmax top-k, one argsort of the expert ids, the two grouped matmuls (torch._grouped_mm on
+    sm90+ CUDA, the loop elsewhere), gates applied in expert order and one index_add back to
+    tokens; no aux loss, no statistics, no capacity."""
+
+    def __init__(self, n_experts: int, d: int, h: int, k: int, device):
+        super().__init__()
+        self.k = k
+        self.router = nn.Linear(d, n_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(n_experts, d, h) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(n_experts, h, d) * 0.02 / math.sqrt(2))
+        self.matmul = resolve_matmul("auto", device)
+
+    def forward(self, x):
+        shape, n_experts = x.shape, self.w1.shape[0]
+        x = x.reshape(-1, shape[-1])                                      # (N, d)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        probs = self.router(x).float().softmax(-1)                        # (N, E)
+        gates, expert_idx = probs.topk(self.k, dim=-1)                    # (N, k)
+        gates = gates / gates.sum(-1, keepdim=True)
+        flat = expert_idx.flatten()
+        order = flat.argsort()                                            # (N*k,) slots by expert
+        offs = torch.searchsorted(flat[order], torch.arange(n_experts, device=x.device),
+                                  right=True).to(torch.int32)
+        token = order // self.k
+        hidden = gelu(self.matmul(x.index_select(0, token), self.w1, offs))   # (N*k, h)
+        out = self.matmul(hidden, self.w2, offs) * gates.flatten()[order].unsqueeze(-1).to(x.dtype)
+        y = x.new_zeros(x.shape).index_add(0, token, out)               # (N, d)
+        return y.view(shape), y.new_zeros(())
+
+
+def _moe_layer(gpt_cfg, kind: str, impl: str):
+    layer = MoE(GPTConfig(**{**asdict(gpt_cfg), "moe_impl": impl}))
+    init_weights(layer, n_layer=1)
+    if kind == "clustered":
+        layer.input_mean.normal_()
+        recluster(layer)
+    return layer
+
+
 def _layer_variants(cfg, device):
     """(name, module, impl) for each FFN layer variant at the benchmark's setting."""
     torch.manual_seed(cfg.seed)
     gpt_cfg = GPTConfig(n_embd=cfg.n_embd, ffn_hidden=cfg.ffn_hidden, n_experts=cfg.n_experts,
                         top_k=cfg.top_k, n_clusters=cfg.n_clusters, rank=cfg.rank, moe="clustered")
-    variants = [("dense FFN d->k*h->d", MLP(cfg.n_embd, cfg.top_k * cfg.ffn_hidden), None)]
     impls = ["grouped", "loop"] if device.type == "cuda" else ["loop"]
+    variants = [("dense FFN d->k*h->d", MLP(cfg.n_embd, cfg.top_k * cfg.ffn_hidden), None),
+                ("minimal top-k", MinimalTopK(cfg.n_experts, cfg.n_embd, cfg.ffn_hidden,
+                                              cfg.top_k, device), impls[0])]
     for kind in ("top-k", "clustered"):
         for impl in impls:
-            layer = MoE(GPTConfig(**{**asdict(gpt_cfg), "moe_impl": impl}), 0.02)
-            if kind == "clustered":
-                layer.input_mean.normal_()
-                recluster(layer)
-            variants.append((f"{kind} MoE, {impl}", layer.to(device), impl))
+            variants.append((f"{kind} MoE, {impl}", _moe_layer(gpt_cfg, kind, impl), impl))
+    if grouped_available(device) and combine_available(device):
+        variants.append(("clustered MoE, fused", _moe_layer(gpt_cfg, "clustered", "fused"), "fused"))
     return [(n, m.to(device), i) for n, m, i in variants]
 
 
@@ -60,9 +107,12 @@ def _step_fn(layer, x, grad, device):
     def step():
         with autocast:
             y, aux = layer(x)
+        # The aux loss's backward is part of the layer's cost. In training it is a scalar added
+        # to the loss, so it is a second root here, not `y + 0 * aux` (an extra (N, d) pass).
+        roots, grads = [y], [grad.to(y.dtype)]
         if aux.requires_grad:
-            y = y + 0 * aux  # the aux loss's backward is part of the layer's cost
-        y.backward(grad.to(y.dtype))
+            roots, grads = roots + [aux], grads + [torch.ones_like(aux)]
+        torch.autograd.backward(roots, grads)
     return step
 
 
@@ -82,8 +132,10 @@ def bench_layers(cfg, device) -> list[dict]:
             continue
         rows.append({"layer": name, "ms": ms, "tokens_per_sec": cfg.tokens / ms * 1e3})
     ref = next((r["ms"] for r in rows if r["layer"].startswith("top-k")), rows[0]["ms"])
+    minimal = next((r["ms"] for r in rows if r["layer"] == "minimal top-k"), float("nan"))
     for row in rows:
         row["speed_vs_topk"] = ref / row["ms"]
+        row["ms_vs_minimal"] = row["ms"] / minimal   # issue 14's goal: top-k eager <= 1.1
     return rows
 
 

@@ -1,11 +1,15 @@
 """Expert compute for routed tokens: the top-k expert bank and the clustered bank.
 
-Owns: the grouped-matmul primitive (torch._grouped_mm on CUDA, a loop over groups as the
-portable fallback), `ExpertBank` (E independent GELU MLPs, the top-k baseline) and
-`ClusteredBank` (per cluster a shared base, per expert rank-r residuals) with the forward
-DESIGN.md calls the hot path. Both take a `router.Routing` and return (N, d).
-Does not own: routing (router.py), factorization math (compress.py), regrouping (cluster.py).
+Owns: the grouped-matmul primitives (torch._grouped_mm on CUDA, a loop over groups as the
+portable fallback) and `resolve_matmul`, which turns `moe_impl` into the one function a bank
+calls; `ExpertBank` (E independent GELU MLPs, the top-k baseline) and `ClusteredBank` (per
+cluster a shared base, per expert rank-r residuals) with the forward DESIGN.md calls the hot
+path. Both banks take (x, routing[, weights]) and return (N, d).
+Does not own: routing (router.py), factorization math (compress.py), regrouping (cluster.py),
+initial values (model.init_weights: banks are created empty).
 
+Shapes: N tokens, d model width (n_embd), h expert hidden width (ffn_hidden), E experts,
+G clusters of m = E / G experts, r residual rank, k experts per token.
 Tokens are put in expert (or cluster) order with one argsort + searchsorted, no Python loop
 over tokens and no host sync. The fallback loops over the G or E groups only.
 """
@@ -16,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import materialize
+from fused import combine_available, combine_reference, gelu_combine
 from quant import Int4Store, Int4Tensor, quantize_int4
 from router import Routing
 
@@ -31,23 +36,45 @@ def grouped_available(device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grouped: bool):
-    """Rows offs[g-1]:offs[g] of x (N, K) times w[g] (K, M) -> (N, M).
+def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[g-1]:offs[g] of x (N, K) times w[g] (K, M) -> (N, M), one matmul per group.
 
-    offs: (G,) int32 cumulative row ends, offs[-1] == N. The fused kernel has no autocast
-    rule, so operands are cast to the autocast dtype here.
+    offs: (G,) int32 cumulative row ends, offs[-1] == N. The portable reference.
     """
-    if grouped:
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w = x.to(dtype), w.to(dtype)
-        # The kernel needs 16-byte aligned rows (e.g. multiples of 8 bf16 values); tiny or odd
-        # widths take the loop instead of failing.
-        if (x.shape[-1] * x.element_size()) % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0:
-            return torch._grouped_mm(x, w, offs=offs)
     ends = offs.tolist()  # one host sync per call: acceptable in the fallback only
     starts = [0] + ends[:-1]
     return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
+
+
+def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """grouped_mm_loop's result from one torch._grouped_mm kernel. It has no autocast rule,
+    so operands are cast to the autocast dtype here."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    # The kernel needs 16-byte aligned rows (e.g. multiples of 8 bf16 values); tiny or odd
+    # widths take the loop instead of failing.
+    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
+        return grouped_mm_loop(x, w, offs)
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+MATMULS = {"grouped": grouped_mm_fused, "loop": grouped_mm_loop}
+
+
+def resolve_matmul(impl: str, device):
+    """`moe_impl` -> the grouped-matmul function a bank calls; 'auto' picks by device."""
+    if impl == "auto":
+        impl = "grouped" if grouped_available(device) else "loop"
+    if impl not in MATMULS:
+        raise ValueError(f"moe_impl must be auto or one of {sorted(MATMULS)}, got {impl!r}")
+    return MATMULS[impl]
+
+
+def resolve_combine(impl: str, device):
+    """`moe_impl` -> the clustered bank's "add base, GELU, gate, sum over k" step: the Triton
+    op fused.gelu_combine for 'fused' on CUDA with Triton, else the plain PyTorch reference."""
+    return gelu_combine if impl == "fused" and combine_available(device) else combine_reference
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -87,29 +114,35 @@ def _compute_dtype(x):
 
 
 class ExpertBank(nn.Module):
-    """E GELU MLPs d -> h -> d, stored as two (E, d, h) / (E, h, d) tensors."""
+    """E GELU MLPs d -> h -> d, stored as two (E, d, h) / (E, h, d) tensors.
 
-    def __init__(self, n_experts: int, d: int, h: int, out_std: float):
+    capacity_factor 0 is dropless; else each expert takes at most cf * N * k / E slots.
+    """
+
+    def __init__(self, n_experts: int, d: int, h: int, capacity_factor: float = 0.0):
         super().__init__()
-        self.w1 = nn.Parameter(torch.randn(n_experts, d, h) * 0.02)
-        self.w2 = nn.Parameter(torch.randn(n_experts, h, d) * out_std)
+        self.w1 = nn.Parameter(torch.empty(n_experts, d, h))
+        self.w2 = nn.Parameter(torch.empty(n_experts, h, d))
+        self.capacity_factor = capacity_factor
+        self.matmul = grouped_mm_loop  # model.MoE sets it from moe_impl (resolve_matmul)
 
-    def forward(self, x: torch.Tensor, routing: Routing, grouped: bool,
-                capacity_factor: float = 0.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Routing, tensors: dict | None = None) -> torch.Tensor:
+        """y_t = sum_i g_ti * W2[e_ti] gelu(W1[e_ti] x_t); `tensors` may replace w1, w2."""
+        w1, w2 = (tensors["w1"], tensors["w2"]) if tensors else (self.w1, self.w2)
         n_tokens, k = routing.expert_idx.shape
-        n_experts = self.w1.shape[0]
+        n_experts = w1.shape[0]
         flat = routing.expert_idx.flatten()                              # (N*k,) token-slot order
         order, inverse, offs = _sort_rows(flat, n_experts)
         x = _compute_dtype(x)
         slots = x.unsqueeze(1).expand(-1, k, -1).reshape(n_tokens * k, -1)
         xs = permute_rows(slots, order, inverse)                         # (N*k, d) by expert
-        out = grouped_mm(gelu(grouped_mm(xs, self.w1, offs, grouped)), self.w2, offs, grouped)
+        out = self.matmul(gelu(self.matmul(xs, w1, offs)), w2, offs)
         out = permute_rows(out, inverse, order).view(n_tokens, k, -1)    # back to token order
         gates = routing.gates
-        if capacity_factor > 0:
+        if self.capacity_factor > 0:
             # Rank of each slot inside its expert's queue (in token order); slots past capacity
             # are dropped: their contribution is zero and the residual carries the token on.
-            capacity = math.ceil(capacity_factor * flat.numel() / n_experts)
+            capacity = math.ceil(self.capacity_factor * flat.numel() / n_experts)
             start = torch.cat([offs.new_zeros(1), offs[:-1]]).long()[flat]
             position = inverse - start
             gates = gates * (position < capacity).view(n_tokens, k)
@@ -128,6 +161,7 @@ class ClusteredBank(nn.Module):
     [U1_e for e in cluster] concatenated along the rank axis, v1 (G, m*r, h) stacked. Then
     one grouped matmul gives every member's rank-r code for each token, in cluster order,
     with no per-expert sort. Expert e = g*m + j owns columns j*r:(j+1)*r.
+    Created empty (zeros): cluster.recluster fills it from trained experts.
     """
 
     BASES, FACTORS = ("base1", "base2"), ("u1", "v1", "u2", "v2")
@@ -136,12 +170,49 @@ class ClusteredBank(nn.Module):
         super().__init__()
         self.n_clusters, self.m, self.rank = n_clusters, m, rank
         self.quantized = False
+        self.matmul = grouped_mm_loop  # model.MoE sets it from moe_impl (resolve_matmul)
+        self.combine = combine_reference  # and this (resolve_combine)
         self.base1 = nn.Parameter(torch.zeros(n_clusters, d, h))
         self.base2 = nn.Parameter(torch.zeros(n_clusters, h, d))
         self.u1 = nn.Parameter(torch.zeros(n_clusters, d, m * rank))
         self.v1 = nn.Parameter(torch.zeros(n_clusters, m * rank, h))
         self.u2 = nn.Parameter(torch.zeros(n_clusters, h, m * rank))
         self.v2 = nn.Parameter(torch.zeros(n_clusters, m * rank, d))
+
+    def forward(self, x: torch.Tensor, routing: Routing, tensors: dict | None = None) -> torch.Tensor:
+        """The shared base runs once per token; only rank-r paths run per chosen expert.
+
+            u   = x B1[g]                        a_i = gelu(u + (x U1_i) V1_i)
+            z   = sum_i p_i a_i                  y   = z B2[g] + sum_i p_i (a_i U2_i) V2_i
+
+        `tensors` may supply the six weights (e.g. dequantized or offloaded copies) in place
+        of the parameters. Capacity limits do not apply: the clustered layer is dropless.
+        """
+        if tensors is None:
+            dtype = torch.get_autocast_dtype(x.device.type) if \
+                torch.is_autocast_enabled(x.device.type) else x.dtype
+            tensors = self.weight_tensors(dtype)
+        w, mm = tensors, self.matmul
+        n_tokens, k = routing.expert_idx.shape
+        g, m, r = w["base1"].shape[0], self.m, self.rank  # g < G when offload.py passes a subset
+        order, inverse, offs = _sort_rows(routing.cluster_idx, g)
+        xs = permute_rows(_compute_dtype(x), order, inverse)              # (N, d) by cluster
+        local = (routing.expert_idx - routing.cluster_idx.unsqueeze(-1) * m)[order]  # (N, k)
+        gates = routing.gates[order].unsqueeze(-1)                        # (N, k, 1)
+        u = mm(xs, w["base1"], offs)                                      # (N, h) once per token
+        codes = mm(xs, w["u1"], offs).view(n_tokens, 1, m, r)
+        # Slot i of a token keeps only its expert's rank-r code (the other members' columns are
+        # zeroed), so all k slots share the cluster's stacked V1 in ONE grouped matmul over
+        # (N*k) rows: token-major rows stay contiguous per cluster, with offsets k * offs.
+        select = F.one_hot(local, m).to(codes.dtype).unsqueeze(-1)        # (N, k, m, 1)
+        slot_codes = (codes * select).view(n_tokens * k, m * r)
+        offs_k = offs * k
+        pre = mm(slot_codes, w["v1"], offs_k).view(n_tokens, k, -1)
+        a, z = self.combine(pre, u, gates[..., 0])                        # (N, k, h), (N, h) mixed
+        back = mm(a.view(n_tokens * k, -1), w["u2"], offs_k)
+        low = (back.view(n_tokens, k, m, r) * (select * gates.unsqueeze(-1).to(back.dtype))).sum(1)
+        y = mm(z, w["base2"], offs) + mm(low.reshape(n_tokens, m * r), w["v2"], offs)
+        return permute_rows(y, inverse, order)
 
     def load_factors(self, base1, u1, v1, base2, u2, v2):
         """Per-expert factors from compress.factorize (cluster-major) -> side-by-side layout."""
@@ -215,41 +286,3 @@ class ClusteredBank(nn.Module):
 
     def storage_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in list(self.parameters()) + list(self.buffers()))
-
-    def forward(self, x: torch.Tensor, routing: Routing, grouped: bool,
-                tensors: dict | None = None) -> torch.Tensor:
-        """The shared base runs once per token; only rank-r paths run per chosen expert.
-
-            u   = x B1[g]                        a_i = gelu(u + (x U1_i) V1_i)
-            z   = sum_i p_i a_i                  y   = z B2[g] + sum_i p_i (a_i U2_i) V2_i
-
-        `tensors` may supply the six weights (e.g. dequantized or offloaded copies) in place
-        of the parameters. Capacity limits do not apply: the clustered layer is dropless.
-        """
-        if tensors is None:
-            dtype = torch.get_autocast_dtype(x.device.type) if \
-                torch.is_autocast_enabled(x.device.type) else x.dtype
-            tensors = self.weight_tensors(dtype)
-        w = tensors
-        n_tokens, k = routing.expert_idx.shape
-        g, m, r = w["base1"].shape[0], self.m, self.rank  # g < G when offload.py passes a subset
-        order, inverse, offs = _sort_rows(routing.cluster_idx, g)
-        xs = permute_rows(_compute_dtype(x), order, inverse)              # (N, d) by cluster
-        local = (routing.expert_idx - routing.cluster_idx.unsqueeze(-1) * m)[order]  # (N, k)
-        gates = routing.gates[order].unsqueeze(-1)                        # (N, k, 1)
-        u = grouped_mm(xs, w["base1"], offs, grouped)                     # (N, h) once per token
-        codes = grouped_mm(xs, w["u1"], offs, grouped).view(n_tokens, 1, m, r)
-        # Slot i of a token keeps only its expert's rank-r code (the other members' columns are
-        # zeroed), so all k slots share the cluster's stacked V1 in ONE grouped matmul over
-        # (N*k) rows: token-major rows stay contiguous per cluster, with offsets k * offs.
-        select = F.one_hot(local, m).to(codes.dtype).unsqueeze(-1)        # (N, k, m, 1)
-        slot_codes = (codes * select).view(n_tokens * k, m * r)
-        offs_k = offs * k
-        pre = grouped_mm(slot_codes, w["v1"], offs_k, grouped).view(n_tokens, k, -1)
-        a = gelu(pre + u.unsqueeze(1))                                    # (N, k, h)
-        z = (a * gates.to(a.dtype)).sum(1)                                # (N, h) mixed
-        back = grouped_mm(a.view(n_tokens * k, -1), w["u2"], offs_k, grouped)
-        low = (back.view(n_tokens, k, m, r) * (select * gates.unsqueeze(-1).to(back.dtype))).sum(1)
-        y = grouped_mm(z, w["base2"], offs, grouped) + \
-            grouped_mm(low.reshape(n_tokens, m * r), w["v2"], offs, grouped)
-        return permute_rows(y, inverse, order)

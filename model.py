@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import clustered_expert_params
-from experts import ClusteredBank, ExpertBank, gelu, grouped_available
-from router import hierarchical_route, topk_route
+from experts import MATMULS, ClusteredBank, ExpertBank, gelu, resolve_combine, resolve_matmul
+from router import Routing, hierarchical_route, topk_route
 
 MOE_KINDS = ("dense", "topk", "clustered")
 
@@ -41,13 +41,20 @@ class GPTConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     capacity_factor: float = 0.0  # 0 = dropless; else each expert takes at most cf*N*k/E slots
-    moe_impl: str = "auto"        # auto | grouped | loop
+    moe_impl: str = "auto"        # auto (grouped on sm90+ CUDA, else loop) | grouped | loop | fused
+                                  # (fused: auto's matmuls + fused.py's Triton combine, CUDA)
+    # The paper's ablations (moe=clustered): False drops one part of the method.
+    compress: bool = True         # shared base + rank-r residuals; False: full separate experts
+    hierarchical: bool = True     # token -> cluster -> experts; False: flat top-k over all E
+    stats_rate: float = 0.05      # EMA rate of each expert's mean routed input (paper: 0.05)
+    probe_tokens: int = 256       # recent layer inputs kept for cluster.py's similarity
 
     def validate(self):
         """Raise ValueError naming the field and the rule for any inconsistent setting."""
         rules = [
             (self.moe in MOE_KINDS, f"moe must be one of {MOE_KINDS}, got {self.moe!r}"),
-            (self.moe_impl in ("auto", "grouped", "loop"), "moe_impl must be auto|grouped|loop"),
+            (self.moe_impl in ("auto", "fused", *MATMULS),
+             f"moe_impl must be auto|fused|{'|'.join(MATMULS)}, got {self.moe_impl!r}"),
             (self.n_embd % self.n_head == 0,
              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
             (min(self.n_layer, self.n_head, self.n_embd, self.block_size, self.ffn_hidden) > 0,
@@ -76,6 +83,33 @@ class GPTConfig:
         return self
 
 
+class KVCache:
+    """Every layer's keys and values for the tokens generated so far (GPT.generate).
+
+    Buffers (n_layer, B, n_head, block_size, head_dim) are allocated at the first write, in
+    the dtype attention produces, and written in place: a decode step stores one position
+    instead of concatenating the history. `length` counts cached positions; GPT.hidden_states
+    advances it once every layer has written.
+    """
+
+    def __init__(self, n_layer: int, block_size: int):
+        self.n_layer, self.block_size = n_layer, block_size
+        self.k = self.v = None
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, hd) after the cached positions -> this layer's keys and values
+        so far, (B, H, length + T, hd) each."""
+        if self.k is None:
+            B, H, _, hd = k.shape
+            self.k = k.new_empty(self.n_layer, B, H, self.block_size, hd)
+            self.v = v.new_empty(self.n_layer, B, H, self.block_size, hd)
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -83,11 +117,21 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                               # (B, H, past + T, hd)
+        # is_causal puts the mask's diagonal at the top-left corner: right only when queries
+        # and keys start at the same position (no past). One new query may see every cached
+        # key (no mask); a chunk after a past needs the offset form: query i sees keys <= past + i.
+        mask = None
+        if past and T > 1:
+            mask = (torch.arange(past + T, device=x.device)
+                    <= past + torch.arange(T, device=x.device).unsqueeze(1))  # (T, past + T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -105,12 +149,12 @@ class MLP(nn.Module):
 class MoE(nn.Module):
     """Router + expert bank + statistics. Returns (y, aux_loss)."""
 
-    def __init__(self, cfg: GPTConfig, out_std: float):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
         d, n_experts = cfg.n_embd, cfg.n_experts
         self.router = nn.Linear(d, n_experts, bias=False)   # rows = expert embeddings
-        self.bank = ExpertBank(n_experts, d, cfg.ffn_hidden, out_std)
+        self.bank = ExpertBank(n_experts, d, cfg.ffn_hidden, cfg.capacity_factor)
         self.register_parameter("cluster_router", None)   # (G, d), set when clustered
         self.offload = None                                 # an offload.ClusterOffloader, if attached
         # Running statistics, read by train.py (load CV) and cluster.py (activation similarity).
@@ -119,24 +163,49 @@ class MoE(nn.Module):
         self.register_buffer("input_mean", torch.zeros(n_experts, d))
         self.register_buffer("expert_ids", torch.arange(n_experts))  # original id in each slot
         self.register_buffer("n_reclusters", torch.zeros((), dtype=torch.long))
-        self.stats_momentum = 0.99
+        # The paper's EMA of activation centroids, mu <- (1 - rate) mu + rate * mean(x), rate 0.05.
+        self.stats_rate = getattr(cfg, "stats_rate", 0.05)
+        # A probe batch of recent layer inputs (any cluster's tokens), so cluster.py can compare
+        # every expert on the same tokens; a ring buffer, probe_seen = rows written so far.
+        self.register_buffer("probe", torch.zeros(getattr(cfg, "probe_tokens", 256), d))
+        self.register_buffer("probe_seen", torch.zeros((), dtype=torch.long))
+        self._resolve_impl()
+
+    def _resolve_impl(self):
+        """moe_impl -> the functions the bank calls, once per build or move, not per forward."""
+        impl, device = self.cfg.moe_impl, self.router.weight.device
+        self.bank.matmul = resolve_matmul("auto" if impl == "fused" else impl, device)
+        if isinstance(self.bank, ClusteredBank):
+            self.bank.combine = resolve_combine(impl, device)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda(): the device may have changed
+        super()._apply(fn, *args, **kwargs)
+        self._resolve_impl()
+        return self
 
     @property
     def clustered(self) -> bool:
         return isinstance(self.bank, ClusteredBank)
 
+    @property
+    def has_clusters(self) -> bool:
+        """Whether experts are grouped (a cluster router exists), compressed or not."""
+        return self.cluster_router is not None
+
     def make_clustered(self):
-        """Swap in an (empty) ClusteredBank and cluster router; cluster.py fills them."""
-        cfg = self.cfg
-        self.bank = ClusteredBank(cfg.n_clusters, cfg.n_experts // cfg.n_clusters, cfg.n_embd,
-                                  cfg.ffn_hidden, cfg.rank).to(self.router.weight.device)
-        self.cluster_router = nn.Parameter(torch.zeros(cfg.n_clusters, cfg.n_embd,
-                                                       device=self.router.weight.device))
+        """Add the (empty) cluster router and, with compress, swap in an empty ClusteredBank;
+        cluster.py fills them. Without compress the experts stay full (cluster.py reorders)."""
+        cfg, device = self.cfg, self.router.weight.device
+        if cfg.compress:
+            self.bank = ClusteredBank(cfg.n_clusters, cfg.n_experts // cfg.n_clusters, cfg.n_embd,
+                                      cfg.ffn_hidden, cfg.rank).to(device)
+        self.cluster_router = nn.Parameter(torch.zeros(cfg.n_clusters, cfg.n_embd, device=device))
+        self._resolve_impl()
 
     def route(self, x):
         cfg = self.cfg
         logits = self.router(x)                                           # (N, E)
-        if self.clustered:
+        if self.has_clusters and cfg.hierarchical:
             return hierarchical_route(F.linear(x, self.cluster_router), logits, cfg.top_k,
                                       cfg.aux_loss_coef, cfg.z_loss_coef)
         return topk_route(logits, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef)
@@ -145,16 +214,26 @@ class MoE(nn.Module):
         B, T, C = x.shape
         x = x.reshape(B * T, C)                                           # (N, C)
         routing = self.route(x)
-        impl = self.cfg.moe_impl
-        grouped = impl == "grouped" or (impl == "auto" and grouped_available(x.device))
         if self.offload is not None:
-            y = self.offload.run(self, x, routing, grouped)
-        elif self.clustered:
-            y = self.bank(x, routing, grouped)
+            y = self.offload.run(self, x, routing)
+        elif self.clustered and routing.cluster_idx is None:
+            y = self._flat_over_clusters(x, routing)
         else:
-            y = self.bank(x, routing, grouped, self.cfg.capacity_factor)
+            y = self.bank(x, routing)
         self._record(x, routing)
         return y.view(B, T, C), routing.aux_loss
+
+    def _flat_over_clusters(self, x, routing):
+        """The 'no hierarchical routing' ablation: a token's k experts may sit in k different
+        clusters, so each (token, slot) pair is its own row with one expert, and computes its
+        cluster's base for itself (k bases per token: what the hierarchy saves)."""
+        n_tokens, k = routing.expert_idx.shape
+        m = self.cfg.n_experts // self.cfg.n_clusters
+        expert_idx = routing.expert_idx.reshape(-1, 1)                    # (N*k, 1)
+        slots = Routing(expert_idx, torch.ones_like(expert_idx, dtype=routing.gates.dtype),
+                        routing.aux_loss, routing.expert_counts, expert_idx.squeeze(1) // m)
+        y = self.bank(x.repeat_interleave(k, dim=0), slots).view(n_tokens, k, -1)
+        return (y * routing.gates.to(y.dtype).unsqueeze(-1)).sum(1)
 
     @torch.no_grad()
     def _record(self, x, routing):
@@ -167,23 +246,59 @@ class MoE(nn.Module):
             dispatch = torch.zeros(x.shape[0], self.router.out_features, device=x.device,
                                    dtype=x.dtype).scatter_(1, routing.expert_idx, 1.0)
             mean = (dispatch.t() @ x).float() / routing.expert_counts.clamp(min=1).unsqueeze(-1)
-            decay = torch.where(routing.expert_counts > 0, self.stats_momentum, 1.0).unsqueeze(-1)
+            decay = torch.where(routing.expert_counts > 0, 1 - self.stats_rate, 1.0).unsqueeze(-1)
             self.input_mean.mul_(decay).add_((1 - decay) * mean)
+            # Probe: a strided sample of this step's tokens (all sequences and positions) into
+            # the ring, with slots computed on the device (no host sync).
+            n_probe = self.probe.shape[0]
+            take = min(n_probe, x.shape[0])
+            rows = x[::x.shape[0] // take][:take]                          # (take, C)
+            slots = (self.probe_seen + torch.arange(take, device=x.device)) % n_probe
+            self.probe.index_copy_(0, slots, rows.to(self.probe.dtype))
+            self.probe_seen.add_(take)
+
+
+def init_weights(root: nn.Module, n_layer: int) -> None:
+    """Every weight's starting value, in one place (GPT-2's scheme). For a GPT or a bare layer.
+
+    - token and position embeddings, attention qkv, dense MLP fc, router rows, expert W1:
+      N(0, 0.02)
+    - projections that write into the residual stream (attention proj, dense MLP proj,
+      expert W2): N(0, 0.02 / sqrt(2 * n_layer)), so the stream's variance does not grow
+      with depth (two writes per block)
+    - LayerNorm: weight 1, bias 0
+    - the cluster router and a clustered bank: zeros; cluster.recluster fills them from the
+      trained experts (the paper clusters trained experts, it does not start clustered)
+    """
+    out_std = 0.02 / math.sqrt(2 * n_layer)
+    for name, module in root.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=out_std if name.endswith("proj") else 0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, ExpertBank):
+            nn.init.normal_(module.w1, std=0.02)
+            nn.init.normal_(module.w2, std=out_std)
+        elif isinstance(module, ClusteredBank):
+            for p in module.parameters():
+                nn.init.zeros_(p)
+        elif isinstance(module, MoE) and module.cluster_router is not None:
+            nn.init.zeros_(module.cluster_router)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
         if cfg.moe == "dense":
             self.ffn = MLP(cfg.n_embd, cfg.top_k * cfg.ffn_hidden)
         else:
-            self.ffn = MoE(cfg, out_std)
+            self.ffn = MoE(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln1(x), cache, layer)
         y, aux = self.ffn(self.ln2(x))
         return x + y, aux
 
@@ -197,35 +312,31 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.apply(self._init)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):  # GPT-2: residual projections scaled by depth
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+        init_weights(self, cfg.n_layer)
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
-    def hidden_states(self, idx):
-        """idx (B, T) -> final-norm hidden states (B, T, C) and the summed MoE aux loss."""
+    def hidden_states(self, idx, cache: KVCache | None = None):
+        """idx (B, T) -> final-norm hidden states (B, T, C) and the summed MoE aux loss.
+        With a cache, idx continues the cached tokens: positions start at cache.length."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))                      # (B, T, C)
         aux = x.new_zeros(())
-        for block in self.blocks:
-            x, layer_aux = block(x)
+        for i, block in enumerate(self.blocks):
+            x, layer_aux = block(x, cache, i)
             aux = aux + layer_aux
+        if cache is not None:
+            cache.length += T
         return self.ln_f(x), aux
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
         """-> (logits, lm_loss or None, aux_loss). Train on lm_loss + aux_loss."""
-        x, aux = self.hidden_states(idx)
+        x, aux = self.hidden_states(idx, cache)
         if targets is None:
             return x[:, -1:] @ self.wte.weight.t(), None, aux             # (B, 1, V)
         logits = x @ self.wte.weight.t()                                   # (B, T, V), tied
@@ -236,12 +347,12 @@ class GPT(nn.Module):
         """Give each MoE layer the bank type (clustered, quantized) the checkpoint holds,
         before load_state_dict."""
         for i, block in enumerate(self.blocks):
-            prefix = f"blocks.{i}.ffn.bank."
-            if isinstance(block.ffn, MoE) and prefix + "base1" in state_dict:
-                if not block.ffn.clustered:
+            prefix = f"blocks.{i}.ffn."
+            if isinstance(block.ffn, MoE) and prefix + "cluster_router" in state_dict:
+                if not block.ffn.has_clusters:
                     block.ffn.make_clustered()
-                if prefix + "u1_q.packed" in state_dict:
-                    block.ffn.bank.quantize_(base_dtype=state_dict[prefix + "base1"].dtype)
+                if prefix + "bank.u1_q.packed" in state_dict:
+                    block.ffn.bank.quantize_(base_dtype=state_dict[prefix + "bank.base1"].dtype)
 
     def param_counts(self) -> dict:
         """total, expert (all expert banks), and active (touched per token; embedding once)."""
@@ -258,15 +369,51 @@ class GPT(nn.Module):
                 active += k * 2 * d * h
         return {"total_params": total, "expert_params": expert, "active_params": active}
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 per active weight that is a matmul
+        operand (the position table is a lookup, the tied token table is the LM head) plus
+        attention's scores and mixing over a full block, 12 * n_layer * n_embd * block_size
+        (the PaLM appendix's count)."""
+        cfg = self.cfg
+        matmul_params = self.param_counts()["active_params"] - self.wpe.weight.numel()
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None):
-        for _ in range(max_new_tokens):
-            logits, _, _ = self(idx[:, -self.cfg.block_size:])
-            logits = logits[:, -1].float() / max(temperature, 1e-6)
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        """idx (B, T) -> (B, T + max_new_tokens). temperature 0 is greedy (argmax).
+
+        use_cache: run the prompt once (prefill), then feed one token per step against a
+        KVCache. Without it every step re-runs the last block_size tokens: the slow reference
+        the cached path is tested against.
+        """
+        block = self.cfg.block_size
+        cache = KVCache(self.cfg.n_layer, block) if use_cache else None
+        for step in range(max_new_tokens):
+            if cache is None:
+                logits, _, _ = self(idx[:, -block:])
+            elif step > 0 and cache.length < block:
+                logits, _, _ = self(idx[:, -1:], cache=cache)
+            else:
+                # Prefill; or the cache is full. Positions are learned and absolute, so sliding
+                # the window by one token moves every token to a new position and stales every
+                # cached key: re-prefill the last block_size tokens, which is exactly what the
+                # reference computes. Past block_size each step therefore costs a prefill.
+                cache.length = 0
+                logits, _, _ = self(idx[:, -block:], cache=cache)
+            idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, generator)], dim=1)
         return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Last-position logits (B, V) -> next tokens (B, 1): argmax when temperature <= 0, else
+    a draw from softmax(logits / temperature), restricted to the top_k most likely tokens."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -1,10 +1,12 @@
-"""cluster.py: planted clusters, stability, and a recluster that preserves the function."""
+"""cluster.py: planted clusters, stability, a recluster that preserves the function, a planted
+change of truth that moves exactly the changed experts, and optimizer state that follows them."""
 import pytest
 import torch
 
-from cluster import balanced_kmeans, fused_similarity, recluster
+from cluster import (align_gauge, balanced_kmeans, carry_optimizer_state, carry_rows,
+                     cosine_matrix, flat_weights, fused_similarity, recluster, specific_weights)
 from compress import factorize
-from model import MoE, GPTConfig
+from model import MoE, GPTConfig, init_weights
 
 
 def _same_partition(a, b):
@@ -33,22 +35,43 @@ def test_stable_when_nothing_changed():
     assert torch.equal(balanced_kmeans(sim, 3, seed=0), first)       # seeded: reproducible
 
 
-def test_fused_similarity_weights_the_two_views():
+@pytest.mark.parametrize("similarity", ["weights+routed", "specific+centroids", "outputs+scores"])
+def test_fused_similarity_weights_the_two_views(similarity):
     torch.manual_seed(2)
     w1, w2 = torch.randn(4, 3, 5), torch.randn(4, 5, 3)
-    means, router = torch.randn(4, 3), torch.randn(4, 3)
-    s_param = fused_similarity(w1, w2, means, router, alpha=1.0)
-    s_act = fused_similarity(w1, w2, means, router, alpha=0.0)
-    torch.testing.assert_close(fused_similarity(w1, w2, means, router, 0.25),
-                               0.25 * s_param + 0.75 * s_act)
-    torch.testing.assert_close(s_param.diagonal(), torch.ones(4))
+    means, router, probe = torch.randn(4, 3), torch.randn(4, 3), torch.randn(6, 3)
+    groups = torch.tensor([0, 0, 1, 1])
+    sim = lambda alpha: fused_similarity(w1, w2, means, router, probe, groups, alpha, similarity)
+    torch.testing.assert_close(sim(0.25), 0.25 * sim(1.0) + 0.75 * sim(0.0))
+    torch.testing.assert_close(sim(1.0).diagonal(), torch.ones(4))
+    with pytest.raises(ValueError, match="PARAM\\+ACT"):
+        fused_similarity(w1, w2, means, router, similarity="weights")
+
+
+def test_specific_view_is_blind_to_how_far_apart_the_bases_are():
+    # Moving every cluster's base further from the others (experts' own parts unchanged)
+    # raises the plain weight cosine within clusters towards 1; the specific view stays put.
+    torch.manual_seed(3)
+    groups = torch.arange(8) // 4
+    bases, own = torch.randn(2, 5, 6), torch.randn(8, 5, 6)
+    own = own - own.view(2, 4, 5, 6).mean(1).repeat_interleave(4, 0)   # sums to 0 per cluster
+    w2 = torch.zeros(8, 6, 5)
+    views = {}
+    for spread in (1.0, 10.0):
+        w1 = spread * bases[groups] + own
+        views[spread] = [cosine_matrix(flat_weights(w1, w2)),
+                         cosine_matrix(specific_weights(w1, w2, groups))]
+    assert views[10.0][0][0, 1] > views[1.0][0][0, 1] + 0.1
+    torch.testing.assert_close(views[10.0][1], views[1.0][1])
 
 
 def _layer(rank):
     cfg = GPTConfig(moe="clustered", n_embd=8, ffn_hidden=8, n_experts=8, n_clusters=2,
                     rank=rank, top_k=2)
     torch.manual_seed(0)
-    layer = MoE(cfg, out_std=0.3)
+    layer = MoE(cfg)
+    init_weights(layer, n_layer=1)
+    layer.bank.w2.data.normal_(0, 0.3)  # outputs large enough to compare
     layer.input_mean.normal_()
     return layer
 
@@ -60,7 +83,7 @@ def test_recluster_full_rank_unchanged_assignment_preserves_output():
     before = layer(x)[0]
     ids = layer.expert_ids.clone()
     result = recluster(layer)                                        # same groups again
-    assert result["moved"] == 0 and torch.equal(layer.expert_ids, ids)
+    assert result["moved"] == 0 and result["skipped"] and torch.equal(layer.expert_ids, ids)
     torch.testing.assert_close(layer(x)[0], before, rtol=1e-4, atol=1e-5)
 
 
@@ -69,25 +92,44 @@ def test_unchanged_groups_refactorize_like_an_svd_of_the_materialized_experts():
     recluster(layer)
     with torch.no_grad():  # as training does: residuals drift to rank up to m*r, off-centre
         for p in layer.bank.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+            p.add_(0.01 * torch.randn_like(p))
     w1, w2 = layer.bank.weights()
+    old = [f.detach().clone() for f in layer.bank.factors()]
     ids = layer.expert_ids.clone()
     result = recluster(layer)
     assert result["moved"] == 0 and torch.equal(layer.expert_ids, ids)
-    assert {id(p) for p in result["reset"]} == {id(p) for p in layer.bank.parameters()}
+    assert result["reset"] == [] and result["carry"] == {}          # every state survives
     # brute force: centre and truncate the materialized experts with a full SVD
     u1, v1, u2, v2 = layer.bank.factors()
     for w, base, u, v in ((w1, layer.bank.base1, u1, v1), (w2, layer.bank.base2, u2, v2)):
         _, ref_base, ref_u, ref_v = factorize(w, torch.arange(8) // 4, 2, rank=2)
         torch.testing.assert_close(base, ref_base, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(u @ v, ref_u @ ref_v, rtol=1e-4, atol=1e-5)
+    # ... in the basis nearest the old factors, not the SVD's own (order, signs), so the
+    # optimizer state built on the old factors still fits
+    _, _, svd_u1, svd_v1 = factorize(w1, torch.arange(8) // 4, 2, rank=2)
+    _, _, svd_u2, svd_v2 = factorize(w2, torch.arange(8) // 4, 2, rank=2)
+    for i, (u, v, svd_u, svd_v) in enumerate(((u1, v1, svd_u1, svd_v1), (u2, v2, svd_u2, svd_v2))):
+        old_u, old_v = old[2 * i], old[2 * i + 1]
+        change = lambda a, b: torch.cat([(a - old_u).flatten(), (b - old_v).flatten()]).norm()
+        size = torch.cat([old_u.flatten(), old_v.flatten()]).norm()
+        assert change(u, v) <= change(svd_u, svd_v) + 1e-5 and change(u, v) < 0.25 * size
+
+
+def test_align_gauge_keeps_the_product_and_recovers_a_rotation():
+    torch.manual_seed(4)
+    u, v = torch.randn(3, 6, 2), torch.randn(3, 2, 5)
+    rotation = torch.linalg.qr(torch.randn(3, 2, 2)).Q
+    u_al, v_al = align_gauge(u, v, u @ rotation, rotation.transpose(1, 2) @ v)
+    torch.testing.assert_close(u_al @ v_al, u @ v)
+    torch.testing.assert_close(u_al, u @ rotation)
 
 
 def test_first_recluster_keeps_experts_and_permutes_router_with_them():
     layer = _layer(rank=8)
     w1_before = layer.bank.w1.detach().clone()
     router_before = layer.router.weight.detach().clone()
-    recluster(layer)
+    result = recluster(layer)
     assert layer.clustered and int(layer.n_reclusters) == 1
     w1_after, _ = layer.bank.weights()
     ids = layer.expert_ids
@@ -95,6 +137,155 @@ def test_first_recluster_keeps_experts_and_permutes_router_with_them():
     assert torch.equal(layer.router.weight, router_before[ids])
     # cluster router rows are the mean of their members' router rows
     torch.testing.assert_close(layer.cluster_router, layer.router.weight.view(2, 4, -1).mean(1))
+    assert {id(p) for p in result["reset"]} == {id(p) for p in layer.bank.parameters()} | \
+        {id(layer.cluster_router)}
+
+
+def test_probe_keeps_recent_inputs_in_a_ring_during_training_only():
+    layer = _layer(rank=2)
+    n = layer.probe.shape[0]
+    x = torch.randn(1, n + 40, 8)
+    layer.train()
+    layer(x[:, :100])
+    torch.testing.assert_close(layer.probe[:100], x[0, :100])
+    layer(x[:, 100:])                                                # n - 60 rows: wraps around
+    torch.testing.assert_close(layer.probe[100:], x[0, 100:n])
+    torch.testing.assert_close(layer.probe[:40], x[0, n:])
+    assert int(layer.probe_seen) == n + 40
+    layer.eval()
+    layer(torch.randn(1, 10, 8))
+    assert int(layer.probe_seen) == n + 40
+
+
+# A planted structure: G families of 4 experts. Experts of a family have weights near the
+# family's W1, W2 and router rows pointing at the family's tokens, N(mu_f, I). Families are
+# interleaved over the slots, so the first clustering has to find them.
+D, H, RANK = 16, 32, 2
+
+
+def _planted(n_families, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rn = lambda *shape: torch.randn(*shape, generator=gen)
+    n_experts = 4 * n_families
+    cfg = GPTConfig(moe="clustered", n_embd=D, ffn_hidden=H, n_experts=n_experts,
+                    n_clusters=n_families, rank=RANK, top_k=2)
+    torch.manual_seed(seed)
+    layer = MoE(cfg)
+    family = torch.arange(n_experts) % n_families
+    mu = rn(n_families, D)
+    mu = 2 * mu / mu.norm(dim=1, keepdim=True)
+    fam_w1, fam_w2 = rn(n_families, D, H) / D ** 0.5, rn(n_families, H, D) / H ** 0.5
+    with torch.no_grad():
+        layer.bank.w1.copy_(fam_w1[family] + 0.3 * rn(n_experts, D, H) / D ** 0.5)
+        layer.bank.w2.copy_(fam_w2[family] + 0.3 * rn(n_experts, H, D) / H ** 0.5)
+        layer.router.weight.copy_(0.75 * mu[family] + rn(n_experts, D) / D ** 0.5)
+
+    def run(steps=40):  # training forwards: input means (EMA) and the probe fill up
+        layer.train()
+        for _ in range(steps):
+            layer((mu[torch.randint(n_families, (192,), generator=gen)] + rn(192, D)).view(1, -1, D))
+
+    def swap(slot_a, slot_b):
+        """Experts in slot_a and slot_b change family: each one's own part (its residual, as far
+        as rank r allows) now points at the other's family, and they trade router rows."""
+        fam = family[layer.expert_ids]
+        bank = layer.bank
+        factors = [f.detach().clone() for f in bank.factors()]
+        for slot, target in ((slot_a, int(fam[slot_b])), (slot_b, int(fam[slot_a]))):
+            for base, u, v, w in ((bank.base1, factors[0], factors[1], fam_w1[target]),
+                                  (bank.base2, factors[2], factors[3], fam_w2[target])):
+                us, s, vh = torch.linalg.svd(w - base[slot // 4].detach(), full_matrices=False)
+                u[slot], v[slot] = us[:, :RANK] * s[:RANK].sqrt(), s[:RANK].sqrt()[:, None] * vh[:RANK]
+        bank.load_factors(bank.base1.detach().clone(), factors[0], factors[1],
+                          bank.base2.detach().clone(), factors[2], factors[3])
+        with torch.no_grad():
+            rows = layer.router.weight
+            rows[[slot_a, slot_b]] = rows[[slot_b, slot_a]].clone()
+
+    run()
+    recluster(layer)
+    assert all(family[layer.expert_ids].view(n_families, 4)[g].unique().numel() == 1
+               for g in range(n_families)), "the first clustering finds the families"
+    run()
+    return layer, run, swap
+
+
+def _moved_ids(layer, ids_before):
+    m = 4
+    cluster_of = lambda ids: {int(e): slot // m for slot, e in enumerate(ids)}
+    before, after = cluster_of(ids_before), cluster_of(layer.expert_ids)
+    return {e for e in before if before[e] != after[e]}
+
+
+@pytest.mark.parametrize("similarity, moves", [("specific+scores", True),
+                                               ("weights+routed", False)])
+def test_planted_change_moves_exactly_the_changed_experts(similarity, moves):
+    layer, run, swap = _planted(n_families=2)
+    ids = layer.expert_ids.clone()
+    result = recluster(layer, similarity=similarity)                 # nothing changed
+    assert result["moved"] == 0 and result["skipped"] and result["gain"] < 0.01
+    assert torch.equal(layer.expert_ids, ids)
+    swap(0, 4)
+    run()
+    planted = {int(ids[0]), int(ids[4])}
+    result = recluster(layer, similarity=similarity)
+    if moves:
+        assert result["moved"] == 2 and not result["skipped"] and result["gain"] >= 0.01
+        assert _moved_ids(layer, ids) == planted
+    else:  # the old default: the shared base and routed-token means hold every expert in place
+        assert result["moved"] == 0 and result["skipped"]
+
+
+def test_gain_threshold_decides_whether_a_regrouping_is_taken():
+    layer, run, swap = _planted(n_families=2)
+    swap(0, 4)
+    run()
+    ids = layer.expert_ids.clone()
+    result = recluster(layer, min_gain=10.0)                         # gain can never reach it
+    assert result["skipped"] and result["moved"] == 0 and result["gain"] >= 0.01
+    assert torch.equal(layer.expert_ids, ids)
+
+
+def test_optimizer_state_follows_the_experts():
+    layer, run, swap = _planted(n_families=3)                        # clusters 0, 1 trade; 2 stays
+    params = list(layer.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    layer((torch.randn(1, 64, D)))[0].square().mean().backward()
+    optimizer.step()
+    before = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in params}
+    kept_state = optimizer.state[layer.router.weight]
+
+    result = recluster(layer)                                        # nothing changed: all kept
+    carry_optimizer_state(optimizer, result)
+    assert result["skipped"] and optimizer.state[layer.router.weight] is kept_state
+
+    ids = layer.expert_ids.clone()
+    swap(0, 4)
+    run()
+    result = recluster(layer)
+    assert result["moved"] == 2 and result["reset"] == []
+    assert all(p is q for p, q in zip(layer.parameters(), params))  # same parameter objects
+    carry_optimizer_state(optimizer, result)
+    # router rows follow their expert: new slot i holds the expert that sat in old slot `old`
+    old = torch.tensor([int((ids == e).nonzero()) for e in layer.expert_ids])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(optimizer.state[layer.router.weight][key],
+                           before[layer.router.weight][key][old])
+        for p in list(layer.bank.parameters()) + [layer.cluster_router]:
+            state = optimizer.state[p][key]
+            assert torch.equal(state[2], before[p][key][2])          # unchanged cluster: kept
+            assert not state[:2].any()                               # changed clusters: fresh
+    assert torch.equal(optimizer.state[layer.bank.base1]["step"], before[layer.bank.base1]["step"])
+    layer((torch.randn(1, 64, D)))[0].square().mean().backward()
+    optimizer.step()                                                 # shapes still fit
+
+
+def test_carry_rows_permutes_and_zeroes_moments_only():
+    state = {"step": torch.tensor(7.0), "exp_avg": torch.arange(6.0).view(3, 2)}
+    out = carry_rows(state, torch.tensor([2, 0, 1]), torch.tensor([True, False, True]))
+    assert torch.equal(out["exp_avg"], torch.tensor([[4.0, 5.0], [0.0, 0.0], [2.0, 3.0]]))
+    assert out["step"] is state["step"]
+    assert carry_rows(state, None, None) is state
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

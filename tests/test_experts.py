@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from experts import ClusteredBank, ExpertBank, gelu, grouped_available, grouped_mm
+from experts import (ClusteredBank, ExpertBank, gelu, grouped_available, grouped_mm_fused,
+                     grouped_mm_loop, resolve_matmul)
 from router import hierarchical_route, topk_route
 
 
@@ -19,34 +20,50 @@ def test_grouped_mm_loop_matches_per_group_matmul():
     torch.manual_seed(0)
     x, w = torch.randn(10, 8), torch.randn(3, 8, 4)
     offs = torch.tensor([3, 3, 10], dtype=torch.int32)  # middle group empty
-    y = grouped_mm(x, w, offs, grouped=False)
+    y = grouped_mm_loop(x, w, offs)
     torch.testing.assert_close(y, torch.cat([x[:3] @ w[0], x[3:] @ w[2]]))
     if hasattr(torch, "_grouped_mm"):  # the fused op's CPU forward, where this torch has it
         try:
-            fused = grouped_mm(x, w, offs, grouped=True)
+            fused = grouped_mm_fused(x, w, offs)
         except RuntimeError:
             pytest.skip("torch._grouped_mm has no CPU kernel in this torch")
         torch.testing.assert_close(fused, y)
 
 
+def _expert_bank(n_experts, d, h, std, capacity_factor=0.0):
+    bank = ExpertBank(n_experts, d, h, capacity_factor)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_(0, std)
+    return bank
+
+
+def test_resolve_matmul_picks_one_function_per_impl():
+    assert resolve_matmul("loop", "cpu") is grouped_mm_loop
+    assert resolve_matmul("grouped", "cpu") is grouped_mm_fused
+    assert resolve_matmul("auto", "cpu") is grouped_mm_loop  # no sm90 kernel on CPU
+    with pytest.raises(ValueError, match="moe_impl"):
+        resolve_matmul("triton", "cpu")
+
+
 def test_expert_bank_matches_brute_force():
     torch.manual_seed(0)
-    bank = ExpertBank(6, 8, 12, out_std=0.1)
+    bank = _expert_bank(6, 8, 12, 0.1)
     x = torch.randn(30, 8)
     routing = topk_route(torch.randn(30, 6), 2)
-    torch.testing.assert_close(bank(x, routing, grouped=False),
+    torch.testing.assert_close(bank(x, routing),
                                _reference(x, routing, bank.w1, bank.w2))
 
 
 def test_expert_bank_capacity_drops_overflow_slots():
     torch.manual_seed(0)
-    bank = ExpertBank(4, 8, 8, out_std=0.1)
+    bank = _expert_bank(4, 8, 8, 0.1, capacity_factor=0.5)
     x = torch.randn(16, 8)
     logits = torch.zeros(16, 4)
     logits[:, 0] = 5.0  # everybody wants expert 0 first
     routing = topk_route(logits, 1)
     # capacity = ceil(0.5 * 16 / 4) = 2: only the first 2 tokens (stable order) keep expert 0
-    y = bank(x, routing, grouped=False, capacity_factor=0.5)
+    y = bank(x, routing)
     ref = _reference(x, routing, bank.w1, bank.w2)
     torch.testing.assert_close(y[:2], ref[:2])
     assert torch.all(y[2:] == 0)
@@ -66,14 +83,14 @@ def _clustered_setup(seed=0, n_tokens=40, g=3, m=4, d=8, h=12, r=2, k=2):
 def test_clustered_bank_equals_materialized_experts():
     bank, x, routing = _clustered_setup()
     w1, w2 = bank.weights()
-    torch.testing.assert_close(bank(x, routing, grouped=False), _reference(x, routing, w1, w2))
+    torch.testing.assert_close(bank(x, routing), _reference(x, routing, w1, w2))
 
 
 def test_clustered_bank_gradients_match_materialized():
     bank, x, routing = _clustered_setup(seed=1)
     x.requires_grad_(True)
     grad_out = torch.randn(x.shape)
-    (bank(x, routing, grouped=False) * grad_out).sum().backward()
+    (bank(x, routing) * grad_out).sum().backward()
     fast = [p.grad.clone() for p in bank.parameters()] + [x.grad.clone()]
     bank.zero_grad()
     x.grad = None
@@ -101,7 +118,7 @@ def test_grouped_path_matches_loop_on_cuda():
     torch.manual_seed(0)
     for bank_kind in ("topk", "clustered"):
         if bank_kind == "topk":
-            bank = ExpertBank(8, 64, 128, out_std=0.05).cuda()
+            bank = _expert_bank(8, 64, 128, 0.05).cuda()
             x = torch.randn(256, 64, device="cuda")
             routing = topk_route(torch.randn(256, 8, device="cuda"), 2)
         else:
@@ -110,10 +127,11 @@ def test_grouped_path_matches_loop_on_cuda():
             routing = hierarchical_route(torch.randn(256, 4, device="cuda"),
                                          torch.randn(256, 16, device="cuda"), 2)
         outs, grads = [], []
-        for grouped in (False, True):
+        for impl in ("loop", "grouped"):
             bank.zero_grad()
+            bank.matmul = resolve_matmul(impl, "cuda")
             with torch.autocast("cuda", torch.bfloat16):
-                y = bank(x, routing, grouped=grouped)
+                y = bank(x, routing)
             y.float().square().sum().backward()
             outs.append(y.float())
             grads.append([p.grad.float().clone() for p in bank.parameters()])
