@@ -2,21 +2,21 @@
 
 Owns: the offline GPT-2 BPE (tiktoken Encoding built from assets/gpt2.tiktoken), dataset
 preparation (Tiny Shakespeare shipped in assets/, WikiText-103 raw downloaded and checked,
-or any folder / .zip of .txt files a user points at), random training windows, and the
-generic `download` / `safe_extract` helpers that glue.py reuses for GLUE.
+or any folders / .zips of .txt files a user points at, with in-domain validation: the tail
+of every document, or whole documents when there are many), random training windows, and
+the generic `download` / `safe_extract` helpers that glue.py reuses for GLUE.
 Does not own: models, training, or GLUE's task formats (glue.py).
 
 Prepared layout, like nanoGPT: <data_dir>/<name>/{train,val[,test]}.bin (uint16 token ids,
-documents joined by <|endoftext|>) plus meta.json (token counts, source sha256). A second
-call finds meta.json and does nothing; meta.json is written last, so a half-prepared
-folder never looks finished.
+documents joined by <|endoftext|>) plus meta.json (token counts, sources' sha256, the
+val_split used). A second call finds meta.json and does nothing; meta.json is written
+last, so a half-prepared folder never looks finished.
 """
 import gzip
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import urllib.request
 import zipfile
@@ -41,6 +41,14 @@ EOT = 50256  # <|endoftext|>, also the document separator in every .bin
 WIKITEXT103_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
 WIKITEXT103_SHA256 = "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"
 WIKITEXT103_SPLITS = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+# How each named dataset holds out validation; val_split applies to text collections only.
+NAMED_SPLITS = {"shakespeare": "tail", "wikitext103": "official"}
+VAL_SPLITS = ("auto", "tail", "documents")
+DEFAULT_VAL_FRACTION = 0.1
+# From 100 documents up, whole held-out documents sample the collection fairly; below that
+# (14 Gutenberg books) a few whole books make val another domain, so tails are held out.
+AUTO_DOCUMENTS_MIN = 100
 
 
 @lru_cache(maxsize=1)
@@ -158,7 +166,8 @@ def prepare_shakespeare(data_dir) -> Path:
     cut = int(len(text) * 0.9)
     tokens = {"train": np.asarray(get_encoding().encode_ordinary(text[:cut]), np.uint16),
               "val": np.asarray(get_encoding().encode_ordinary(text[cut:]), np.uint16)}
-    _write_split(folder, tokens, {"source": "tinyshakespeare",
+    _write_split(folder, tokens, {"source": "tinyshakespeare", "val_split": "tail",
+                                  "val_fraction": 0.1,
                                   "sha256": hashlib.sha256(text.encode()).hexdigest()})
     return folder
 
@@ -178,51 +187,188 @@ def prepare_wikitext103(data_dir, url: str = WIKITEXT103_URL,
                 raise RuntimeError(f"{archive} has no {name}; is it the raw WikiText-103 zip?")
             text = files[name].read_text(encoding="utf-8")
             tokens[split] = encode_documents(wikitext_articles(text), desc=f"tokenize {split}")
-    _write_split(folder, tokens, {"source": url, "sha256": sha256})
+    _write_split(folder, tokens, {"source": url, "sha256": sha256, "val_split": "official"})
     return folder
 
 
-def prepare_text_collection(path, data_dir, val_fraction: float = 0.1) -> Path:
-    """A folder or .zip of .txt files: each file a document; whole files held out for val."""
-    path = Path(path)
-    folder = Path(data_dir) / ("text_" + path.stem)
+def text_sources(paths) -> list[Path]:
+    """The sources a collection is made of, sorted by stem (unique: it prefixes names).
+
+    Each path is a folder of .txt files (searched recursively), a .zip of .txt files, or a
+    folder holding .zip files and no .txt at all, which stands for all its top-level zips.
+    """
+    sources = []
+    for path in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
+        if not path.exists():
+            raise ValueError(f"dataset path {str(path)!r} does not exist")
+        if path.is_dir():
+            zips = sorted(path.glob("*.zip"))
+            has_txt = next(path.rglob("*.txt"), None) is not None
+            if zips and has_txt:
+                raise ValueError(f"{path} holds both .txt and .zip files; list the zips "
+                                 f"comma-separated or move them out")
+            if not zips and not has_txt:
+                raise ValueError(f"{path} holds no .txt or .zip files")
+            sources += zips or [path]
+        elif zipfile.is_zipfile(path):
+            sources.append(path)
+        else:
+            raise ValueError(f"dataset path {path} is neither a folder nor a .zip of .txt files")
+    stems = sorted(s.stem for s in sources)
+    if not sources:
+        raise ValueError("no dataset path given")
+    if len(set(stems)) < len(stems):
+        raise ValueError(f"two sources share a name (names prefix documents): {stems}")
+    return sorted(sources, key=lambda s: s.stem)
+
+
+def check_dataset(dataset: str, val_split: str = "auto",
+                  val_fraction: float = DEFAULT_VAL_FRACTION) -> None:
+    """Config-time check (no reading, no tokenizing): a ValueError naming what is wrong."""
+    _check_split(val_split, val_fraction)
+    if dataset not in NAMED_SPLITS and not is_prepared(dataset):
+        try:
+            text_sources([p.strip() for p in dataset.split(",") if p.strip()])
+        except ValueError as error:
+            raise ValueError(f"dataset={dataset!r}: {error}; expected 'shakespeare', 'wikitext103'"
+                             f", or comma-separated folders/.zip files of .txt") from None
+
+
+def _check_split(val_split: str, val_fraction: float) -> None:
+    if val_split not in VAL_SPLITS:
+        raise ValueError(f"val_split={val_split!r}: expected one of {'|'.join(VAL_SPLITS)}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}: expected 0 < val_fraction < 1")
+
+
+def _is_document(name: str) -> bool:
+    return name.endswith(".txt") and "__MACOSX" not in name
+
+
+def _document_sizes(source: Path) -> list[int]:
+    """Byte size of each .txt document in a source, from metadata alone (no reading)."""
+    if source.is_dir():
+        return [p.stat().st_size for p in source.rglob("*.txt")]
+    with zipfile.ZipFile(source) as z:
+        return [i.file_size for i in z.infolist() if not i.is_dir() and _is_document(i.filename)]
+
+
+def _read_documents(source: Path) -> dict[str, str]:
+    """name -> text, names prefixed by the source's stem so several sources never collide."""
+    if source.is_dir():
+        return {f"{source.stem}/{p.relative_to(source).as_posix()}":
+                p.read_text(encoding="utf-8", errors="replace")
+                for p in sorted(source.rglob("*.txt"))}
+    with zipfile.ZipFile(source) as z:
+        return {f"{source.stem}/{n}": z.read(n).decode("utf-8", errors="replace")
+                for n in sorted(z.namelist()) if _is_document(n)}
+
+
+def tail_cut(text: str, val_fraction: float) -> int:
+    """Where a document's held-out tail starts: the line start nearest (1 - val_fraction) of
+    the way in, never 0; len(text) (nothing held out) when the end is nearer than any line."""
+    target = round(len(text) * (1 - val_fraction))
+    newline = text.find("\n", max(target - 1, 0))
+    after = len(text) if newline < 0 else newline + 1
+    before = text.rfind("\n", 0, target) + 1                        # 0: no line starts before
+    return before if 0 < before and target - before < after - target else min(after, len(text))
+
+
+def text_folder_name(sources: list[Path], val_split: str, val_fraction: float) -> str:
+    """text_<stems joined by +>_<split>[<fraction> when not the default]; many stems -> hash."""
+    safe = [re.sub(r"[^\w.-]", "-", s.stem) for s in sources]
+    stems = "+".join(safe)
+    if len(stems) > 48:                    # e.g. 100 shards: first name, count and a hash
+        digest = hashlib.sha256(stems.encode()).hexdigest()[:8]
+        stems = f"{safe[0][:24]}+{len(safe) - 1}more-{digest}"
+    fraction = "" if val_fraction == DEFAULT_VAL_FRACTION else f"{val_fraction:g}"
+    return f"text_{stems}_{val_split}{fraction}"
+
+
+def prepare_text_collection(paths, data_dir, val_split: str = "auto",
+                            val_fraction: float = DEFAULT_VAL_FRACTION) -> Path:
+    """Folders / .zips of .txt (see text_sources): every file one document, all one collection.
+
+    val_split: 'tail' holds out the last val_fraction of every document, cut at a line start
+    (a document too short to cut stays whole in train); 'documents' holds out whole documents
+    (fixed seeded shuffle, round(n * val_fraction), at least 1); 'auto' is 'documents' from
+    AUTO_DOCUMENTS_MIN files of nonzero size up, else 'tail'. meta.json records the resolved
+    split, and the folder is named after it (text_folder_name), so no switch reuses another.
+    """
+    _check_split(val_split, val_fraction)
+    sources = text_sources(paths)
+    if val_split == "auto":
+        n_files = sum(size > 0 for s in sources for size in _document_sizes(s))
+        val_split = "documents" if n_files >= AUTO_DOCUMENTS_MIN else "tail"
+    folder = Path(data_dir) / text_folder_name(sources, val_split, val_fraction)
     if (folder / "meta.json").exists():
         return folder
-    if path.is_dir():
-        docs = {p.relative_to(path).as_posix(): p.read_text(encoding="utf-8", errors="replace")
-                for p in sorted(path.rglob("*.txt"))}
-    elif zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            docs = {n: z.read(n).decode("utf-8", errors="replace")
-                    for n in sorted(z.namelist()) if n.endswith(".txt") and "__MACOSX" not in n}
-    else:
-        raise FileNotFoundError(f"dataset path {path} is neither a folder nor a .zip of .txt files")
+    docs = {}
+    for source in tqdm(sources, desc="read", disable=len(sources) < 2):
+        docs.update(_read_documents(source))
     names = [n for n in docs if docs[n].strip()]
-    if len(names) < 2:
-        raise ValueError(f"{path} needs at least 2 non-empty .txt files (whole files are held "
-                         f"out for validation); found {len(names)}")
-    # A fixed, name-seeded shuffle decides which whole documents are held out.
-    order = np.random.default_rng(0).permutation(len(names))
-    n_val = max(1, round(len(names) * val_fraction))
-    val_names = sorted(names[i] for i in order[:n_val])
-    train_names = sorted(names[i] for i in order[n_val:])
-    tokens = {"train": encode_documents([docs[n] for n in train_names], desc="tokenize train"),
-              "val": encode_documents([docs[n] for n in val_names], desc="tokenize val")}
-    _write_split(folder, tokens, {"source": str(path), "sha256": sha256_file(path) if
-                                  path.is_file() else None, "val_documents": val_names})
+    meta = {"sources": [str(s) for s in sources], "val_split": val_split,
+            "val_fraction": val_fraction, "documents": len(names),
+            "sha256": [sha256_file(s) if s.is_file() else None for s in sources]}
+    if val_split == "documents":
+        if len(names) < 2:
+            raise ValueError(f"{', '.join(meta['sources'])}: val_split=documents needs at "
+                             f"least 2 non-empty .txt files; found {len(names)}")
+        order = np.random.default_rng(0).permutation(len(names))    # fixed: same split every run
+        n_val = min(len(names) - 1, max(1, round(len(names) * val_fraction)))
+        val_names = sorted(names[i] for i in order[:n_val])
+        train_texts = [docs[n] for n in sorted(names[i] for i in order[n_val:])]
+        val_texts = [docs[n] for n in val_names]
+        meta["val_documents"] = val_names
+    else:
+        cuts = {n: tail_cut(docs[n], val_fraction) for n in names}
+        cuts = {n: c if docs[n][c:].strip() else len(docs[n]) for n, c in cuts.items()}
+        train_texts = [docs[n][:cuts[n]] for n in names]
+        val_texts = [docs[n][cuts[n]:] for n in names if cuts[n] < len(docs[n])]
+        if not val_texts:
+            raise ValueError(f"{', '.join(meta['sources'])}: no document has a line start "
+                             f"near its last {val_fraction:g}, so val_split=tail holds out "
+                             f"nothing; use val_split=documents or longer texts")
+        meta["documents_without_tail"] = [n for n in names if cuts[n] == len(docs[n])]
+    tokens = {"train": encode_documents(train_texts, desc="tokenize train"),
+              "val": encode_documents(val_texts, desc="tokenize val")}
+    _write_split(folder, tokens, meta)
     return folder
 
 
-def prepare(dataset: str, data_dir) -> Path:
-    """Dispatch by name: 'shakespeare', 'wikitext103', or a path to a folder/.zip of .txt."""
+def prepare(dataset: str, data_dir, val_split: str = "auto",
+            val_fraction: float = DEFAULT_VAL_FRACTION) -> Path:
+    """Dispatch by name: 'shakespeare', 'wikitext103', comma-separated folders/.zips of .txt,
+    or a folder this function prepared earlier (meta.json, train.bin, val.bin), used as is:
+    how prepared tokens travel to a machine that lacks the raw text.
+
+    val_split / val_fraction apply to text collections only (see prepare_text_collection);
+    Shakespeare keeps its 90/10 cut of the one text and WikiText-103 its official splits.
+    """
+    check_dataset(dataset, val_split, val_fraction)
+    if is_prepared(dataset):
+        return Path(dataset)
     if dataset == "shakespeare":
         return prepare_shakespeare(data_dir)
     if dataset == "wikitext103":
         return prepare_wikitext103(data_dir)
-    if Path(dataset).exists():
-        return prepare_text_collection(dataset, data_dir)
-    raise ValueError(f"dataset={dataset!r}: expected 'shakespeare', 'wikitext103', or an "
-                     f"existing folder/.zip of .txt files")
+    return prepare_text_collection([p.strip() for p in dataset.split(",") if p.strip()],
+                                   data_dir, val_split, val_fraction)
+
+
+def is_prepared(path: str) -> bool:
+    folder = Path(path)
+    return all((folder / name).is_file() for name in ("meta.json", "train.bin", "val.bin"))
+
+
+def read_meta(folder) -> dict:
+    """A prepared folder's meta.json; its 'val_split' is 'tail', 'documents' or 'official'."""
+    path = Path(folder) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; prepare the dataset first")
+    meta = json.loads(path.read_text())
+    meta.setdefault("val_split", NAMED_SPLITS.get(Path(folder).name))  # prepared before it was kept
+    return meta
 
 
 def load_split(folder, split: str) -> np.memmap:
