@@ -1,14 +1,16 @@
-"""Fine-tune a pretrained checkpoint on GLUE and report each task's own metric.
+"""Fine-tune a pretrained checkpoint on GLUE over several seeds; report metrics and GLUE scores.
 
-Owns: GlueConfig and its `--field=value` CLI, the classifier (the pretrained GPT plus a
-linear head on the last real token), padding and batching of encoded examples, the
-fine-tuning loop (AdamW, linear warmup then linear decay, clipping, bf16 autocast on CUDA,
-the MoE aux loss kept on), evaluation on the task's eval splits, and the results: one JSON
-line per task and split in `out`, and a markdown table at the end.
+Owns: GlueConfig and its `--field=value` CLI, which tasks to run (one, a list, all, or all
+staged on disk), the classifier (the pretrained GPT plus a linear head on the last real
+token), padding and batching of encoded examples, the fine-tuning loop (AdamW, linear warmup
+then linear decay, clipping, bf16 autocast on CUDA, the MoE aux loss kept on), evaluation on
+the task's eval splits, GLUE's task score and their average, and the results: one JSON line
+per task, split and seed in `out`, summary lines (mean and sample std over seeds), and a
+markdown table at the end.
 Does not own: task formats, pair encoding, metrics, downloads (glue.py); the network
 (model.py); reading checkpoints (train.py). It never reclusters: a clustered checkpoint is
 fine-tuned with the clusters it was saved with (cluster.py is not imported).
-Usage: python eval_glue.py --ckpt=out/ckpt.pt --task=sst2 (or --task=all --download)
+Usage: python eval_glue.py --ckpt=out/ckpt.pt --task=sst2 (or cola,stsb; all --download; staged)
 """
 import copy
 import json
@@ -32,11 +34,12 @@ from train import load_model, parse_config, resolve_device
 @dataclass
 class GlueConfig:
     ckpt: str = "out/ckpt.pt"
-    task: str = "sst2"              # a GLUE task (see glue.TASKS) or 'all'
+    task: str = "sst2"              # a GLUE task (glue.TASKS), a,b,c, 'all', or 'staged'
     data_dir: str = "data/glue"     # GLUE root holding SST-2/, CoLA/, ... or one task's folder
     download: bool = False          # fetch missing task data with glue.fetch (sha256-checked)
     out: str = "glue_results.jsonl"
-    seed: int = 1337
+    seed: int = 1337                # the runs use seed, seed+1, ..., seed+seeds-1
+    seeds: int = 3                  # fine-tuning runs per task, each from the checkpoint
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = "auto"             # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     epochs: int = 3
@@ -50,9 +53,9 @@ class GlueConfig:
     max_train_examples: int = 0     # 0 = all; else a seeded random subset (quick runs)
 
     def validate(self):
-        if self.task != "all":
-            glue.get_task(self.task)  # its error lists the valid tasks
+        requested_tasks(self.task)  # an unknown task's error lists the valid ones
         rules = [
+            (self.seeds >= 1, "seeds must be >= 1"),
             (self.epochs >= 1 and self.lr > 0, "need epochs >= 1 and lr > 0"),
             (min(self.batch_size, self.eval_batch_size) >= 1, "batch sizes must be >= 1"),
             (self.max_len >= 2, "max_len must be >= 2 (a pair needs its separator)"),
@@ -139,9 +142,34 @@ def make_optimizer(model, cfg: GlueConfig, device: str):
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.startswith("cuda"))
 
 
-def has_data(task: str, data_dir) -> bool:
+def requested_tasks(task: str) -> list[str]:
+    """'all' and 'staged' -> every task (staged filters later, by what is on disk)."""
+    if task in ("all", "staged"):
+        return list(glue.TASKS)
+    return list(dict.fromkeys(glue.get_task(name.strip()).name for name in task.split(",")))
+
+
+def missing_splits(task: str, data_dir) -> list[str]:
     folder = glue.task_dir(task, data_dir)
-    return all((folder / f"{split}.tsv").is_file() for split in glue.get_task(task).splits)
+    return [split for split in glue.get_task(task).splits
+            if not (folder / f"{split}.tsv").is_file()]
+
+
+def select_tasks(cfg: GlueConfig) -> tuple[list[str], dict[str, str]]:
+    """-> (tasks to run, {skipped task: why}). 'staged' takes the tasks with every split on
+    disk and never downloads; of the rest it notes only those staged in part (say dev alone),
+    as a task with no file at all was simply not staged."""
+    tasks, skipped = [], {}
+    for task in requested_tasks(cfg.task):
+        if missing_splits(task, cfg.data_dir) and cfg.download and cfg.task != "staged":
+            glue.fetch(task, cfg.data_dir)
+        missing = missing_splits(task, cfg.data_dir)
+        if not missing:
+            tasks.append(task)
+        elif cfg.task != "staged" or len(missing) < len(glue.get_task(task).splits):
+            files = ", ".join(f"{split}.tsv" for split in missing)
+            skipped[task] = f"no {files} in {glue.task_dir(task, cfg.data_dir)}"
+    return tasks, skipped
 
 
 def load_pretrained(path: Path):
@@ -168,13 +196,10 @@ def prepare(cfg: GlueConfig) -> dict:
     cfg.validate()
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     gpt, ckpt = load_pretrained(Path(cfg.ckpt))
-    tasks, skipped = [], []
-    for task in glue.TASKS if cfg.task == "all" else [glue.get_task(cfg.task).name]:
-        if not has_data(task, cfg.data_dir) and cfg.download:
-            glue.fetch(task, cfg.data_dir)
-        (tasks if has_data(task, cfg.data_dir) else skipped).append(task)
-    if not tasks:  # the one task asked for is missing, or with 'all', every task is
-        where = cfg.data_dir if cfg.task == "all" else glue.task_dir(cfg.task, cfg.data_dir)
+    tasks, skipped = select_tasks(cfg)
+    if not tasks:  # the one task asked for is missing, or every one of several is
+        requested = requested_tasks(cfg.task)
+        where = cfg.data_dir if len(requested) > 1 else glue.task_dir(requested[0], cfg.data_dir)
         raise FileNotFoundError(
             f"no GLUE data for task={cfg.task} in {where} (need train.tsv and the dev split "
             f"files); run with --download to fetch it, or pass --data_dir pointing at a GLUE "
@@ -229,20 +254,21 @@ def finetune(model, seqs, labels, cfg: GlueConfig, regression: bool, device, aut
     bar.close()
 
 
-def run_task(task: str, cfg: GlueConfig, plan: dict) -> list[dict]:
+def run_task(task: str, cfg: GlueConfig, plan: dict, seed: int) -> list[dict]:
     """Fine-tune a fresh copy of the pretrained GPT on `task`; one record per eval split."""
     spec, gpt, device, autocast = glue.get_task(task), plan["gpt"], plan["device"], plan["autocast"]
     regression, max_len = spec.n_labels == 1, min(cfg.max_len, gpt.cfg.block_size)
-    # Seed per task, so a task's result does not depend on which tasks ran before it.
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    # Seed per run, so a result does not depend on which tasks or seeds ran before it.
+    # The seed also draws the --max_train_examples subset: a run's randomness is all its own.
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     train_examples = glue.load_examples(task, "train", cfg.data_dir)
     if 0 < cfg.max_train_examples < len(train_examples):
         keep = torch.randperm(len(train_examples), generator=generator)[:cfg.max_train_examples]
         train_examples = [train_examples[i] for i in sorted(keep.tolist())]
     model = GlueClassifier(copy.deepcopy(gpt), spec.n_labels).to(device)
     finetune(model, encode(train_examples, max_len), [ex.label for ex in train_examples],
-             cfg, regression, device, autocast, generator, f"{task} fine-tune")
+             cfg, regression, device, autocast, generator, f"{task} fine-tune (seed {seed})")
     records = []
     clustered = any(layer.clustered for layer in gpt.moe_layers())
     for split in spec.eval_splits:
@@ -253,37 +279,111 @@ def run_task(task: str, cfg: GlueConfig, plan: dict) -> list[dict]:
         records.append({
             "task": task, "split": split, "metrics": glue.compute_metrics(task, preds, labels),
             "n_train": len(train_examples), "n_eval": len(examples), "ckpt": str(cfg.ckpt),
-            "moe": plan["ckpt"]["config"].get("moe"), "clustered": clustered, "seed": cfg.seed,
+            "moe": plan["ckpt"]["config"].get("moe"), "clustered": clustered, "seed": seed,
             "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "max_len": max_len})
     return records
 
 
-def format_table(records: list[dict]) -> str:
-    lines = ["| task | split | metrics | n_train | n_eval |", "| --- | --- | --- | --- | --- |"]
-    for rec in records:
-        metrics = ", ".join(f"{name} {value:.4f}" for name, value in rec["metrics"].items())
-        lines.append(f"| {rec['task']} | {rec['split']} | {metrics} | {rec['n_train']} "
-                     f"| {rec['n_eval']} |")
+def glue_score(task: str, metrics: dict[str, dict[str, float]]) -> float:
+    """GLUE's score for one task from {eval split: its metrics}: the plain mean of the task's
+    metrics over its eval splits. So CoLA: MCC; SST-2, QNLI, RTE, WNLI: accuracy; MRPC, QQP:
+    (F1 + accuracy) / 2; STS-B: (Pearson + Spearman) / 2; MNLI: (matched + mismatched
+    accuracy) / 2. The leaderboard takes MNLI so: its 80.5 for BERT-large follows from that
+    row's numbers only with MNLI-m and MNLI-mm as one task at their mean."""
+    spec = glue.get_task(task)
+    if set(metrics) != set(spec.eval_splits) or any(
+            set(metrics[split]) != set(spec.metrics) for split in spec.eval_splits):
+        raise ValueError(f"{spec.name} is scored from {spec.metrics} on each of "
+                         f"{spec.eval_splits}; got {metrics}")
+    return float(np.mean([[metrics[split][name] for name in spec.metrics]
+                          for split in spec.eval_splits]))
+
+
+def mean_std(values) -> dict:
+    """Mean and sample std (ddof=1) over seeds; std is None for a single seed."""
+    values = np.asarray(values, dtype=np.float64)
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return {"mean": float(np.mean(values)), "std": std}
+
+
+def summarize_task(records: list[dict]) -> dict:
+    """One task's records (every split, every seed) -> its summary line: each split's metrics
+    as mean/std over seeds, and GLUE's task score per seed ('values', in seed order)."""
+    task, seeds = records[0]["task"], list(dict.fromkeys(rec["seed"] for rec in records))
+    spec = glue.get_task(task)
+    metrics = {split: {name: mean_std([rec["metrics"][name] for rec in records
+                                       if rec["split"] == split]) for name in spec.metrics}
+               for split in spec.eval_splits}
+    scores = [glue_score(task, {rec["split"]: rec["metrics"] for rec in records
+                                if rec["seed"] == seed}) for seed in seeds]
+    context = {key: value for key, value in records[0].items()
+               if key not in ("split", "metrics", "seed", "n_eval")}
+    n_eval = {rec["split"]: rec["n_eval"] for rec in records}
+    return {"summary": True, **context, "seeds": seeds, "n_eval": n_eval, "metrics": metrics,
+            "score": {**mean_std(scores), "values": scores}}
+
+
+def summarize_average(summaries: list[dict]) -> dict:
+    """The GLUE average over the tasks run: per seed the mean of the task scores, then the
+    mean/std of those averages over seeds (not a mean of the tasks' own stds)."""
+    per_seed = np.mean([summary["score"]["values"] for summary in summaries], axis=0)
+    context = {key: summaries[0][key] for key in ("seeds", "ckpt", "moe", "clustered")}
+    return {"summary": True, "task": "average", "tasks": [s["task"] for s in summaries],
+            **context, "score": {**mean_std(per_seed), "values": per_seed.tolist()}}
+
+
+def format_stat(stat: dict) -> str:
+    return f"{stat['mean']:.4f} ± " + ("n/a" if stat["std"] is None else f"{stat['std']:.4f}")
+
+
+def format_table(summaries: list[dict], average: dict) -> str:
+    seeds = f"{len(average['seeds'])} seed" + "s" * (len(average["seeds"]) > 1)
+    lines = [f"| task | GLUE score | metrics (mean ± sample std over {seeds}) | n_train "
+             f"| n_eval |", "| --- | --- | --- | --- | --- |"]
+    for summary in summaries:
+        named = len(summary["metrics"]) > 1  # name the split only where there are several
+        metrics = "; ".join(f"{split + ' ' if named else ''}{name} {format_stat(stat)}"
+                            for split, by_name in summary["metrics"].items()
+                            for name, stat in by_name.items())
+        n_eval = "/".join(str(n) for n in summary["n_eval"].values())
+        lines.append(f"| {summary['task']} | {format_stat(summary['score'])} | {metrics} "
+                     f"| {summary['n_train']} | {n_eval} |")
+    lines.append(f"| average | {format_stat(average['score'])} | "
+                 f"over {', '.join(average['tasks'])} | | |")
     return "\n".join(lines)
 
 
+def append_jsonl(path, lines: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
 def finetune_and_evaluate(cfg: GlueConfig, plan: dict | None = None) -> list[dict]:
-    """Fine-tune a fresh copy of the checkpoint per task; append each result to cfg.out."""
+    """Fine-tune a fresh copy of the checkpoint per task and seed; append each record to
+    cfg.out as it is made, then each task's summary and the average. Returns what it wrote."""
     plan = prepare(cfg) if plan is None else plan
-    if plan["skipped"]:
-        print(f"skipping (no data in {cfg.data_dir}; use --download or --data_dir): "
-              f"{', '.join(plan['skipped'])}")
+    skipped = ", ".join(f"{task} ({why})" for task, why in plan["skipped"].items())
+    if skipped:
+        print(f"skipping for missing data (--task=NAME --download fetches it): {skipped}")
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    results = []
+    written, summaries = [], []
     for task in plan["tasks"]:
-        records = run_task(task, cfg, plan)
-        with open(cfg.out, "a") as f:  # per task, so a late failure keeps the finished tasks
-            f.writelines(json.dumps(record) + "\n" for record in records)
-        results += records
-    print(format_table(results))
-    if plan["skipped"]:
-        print(f"skipped for missing data: {', '.join(plan['skipped'])}")
-    return results
+        records = []
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            seed_records = run_task(task, cfg, plan, seed)
+            append_jsonl(cfg.out, seed_records)  # at once: a late failure keeps finished runs
+            records += seed_records
+        summaries.append(summarize_task(records))
+        append_jsonl(cfg.out, summaries[-1:])
+        written += records + summaries[-1:]
+    average = summarize_average(summaries)
+    append_jsonl(cfg.out, [average])
+    print(format_table(summaries, average))
+    print("GLUE score: a task's metrics averaged (MRPC, QQP: F1 and accuracy; STS-B: Pearson "
+          "and Spearman; MNLI: matched and mismatched); average: of the task scores per seed.")
+    if skipped:
+        print(f"skipped for missing data: {skipped}")
+    return written + [average]
 
 
 def main(argv: list[str]) -> list[dict]:

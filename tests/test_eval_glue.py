@@ -1,6 +1,8 @@
 """eval_glue.py on CPU with tiny checkpoints: real SST-2 end to end, a pair task and STS-B
-from fixture folders, padding invariance of last-token pooling against each sequence run
-alone, a keyword task it must learn, determinism, and clear errors before any work.
+from fixture folders over several seeds (summaries against numpy over the per-seed records),
+GLUE's task score against a leaderboard row, which tasks 'staged' and a list select, padding
+invariance of last-token pooling against each sequence run alone, a keyword task it must
+learn, determinism, and clear errors before any work.
 """
 import json
 import random
@@ -8,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,12 +80,23 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def split_lines(lines):
+    """-> (per-seed records, task summaries, the average line)."""
+    records = [line for line in lines if not line.get("summary")]
+    summaries = [line for line in lines if line.get("summary") and line["task"] != "average"]
+    (average,) = [line for line in lines if line.get("task") == "average"]
+    return records, summaries, average
+
+
 @pytest.mark.skipif(not REAL_SST2.is_dir(), reason="real SST-2 not present")
 def test_real_sst2_end_to_end(ckpts, tmp_path):
     out = tmp_path / "results.jsonl"
-    records = eval_glue.finetune_and_evaluate(cfg_for(
-        ckpts["clustered"], REAL_SST2, out, "--max_train_examples=64", "--epochs=1"))
-    assert read_jsonl(out) == records and len(records) == 1
+    lines = eval_glue.finetune_and_evaluate(cfg_for(
+        ckpts["clustered"], REAL_SST2, out, "--max_train_examples=64", "--epochs=1",
+        "--seeds=1"))
+    assert read_jsonl(out) == lines
+    records, (summary,), average = split_lines(lines)
+    assert len(records) == 1
     record = records[0]
     assert record["task"] == "sst2" and record["split"] == "dev"
     assert 0 <= record["metrics"]["accuracy"] <= 1
@@ -91,26 +105,116 @@ def test_real_sst2_end_to_end(ckpts, tmp_path):
     assert record["max_len"] == 32  # capped at the checkpoint's block_size
     for key in ("ckpt", "seed", "epochs", "lr"):
         assert key in record
+    accuracy = record["metrics"]["accuracy"]  # one seed: the mean is the value, no std
+    assert summary["metrics"] == {"dev": {"accuracy": {"mean": accuracy, "std": None}}}
+    assert summary["score"] == average["score"] == {"mean": accuracy, "std": None,
+                                                    "values": [accuracy]}
+    assert summary["moe"] == average["moe"] == "clustered" and summary["seeds"] == [1337]
 
 
-def test_pair_task_and_regression_via_all(ckpts, tmp_path, capsys):
+def test_seeds_pair_task_and_regression_via_all(ckpts, tmp_path, capsys):
     write_rte(tmp_path / "glue")
     write_stsb(tmp_path / "glue")
     cfg = cfg_for(ckpts["dense"], tmp_path / "glue", tmp_path / "r.jsonl", "--task=all",
-                  "--epochs=2", "--batch_size=8", "--lr=1e-3")
-    records = eval_glue.finetune_and_evaluate(cfg)
+                  "--epochs=2", "--batch_size=8", "--lr=1e-3", "--seed=5")  # seeds=3 default
+    lines = eval_glue.finetune_and_evaluate(cfg)
     printed = capsys.readouterr().out
-    assert [(r["task"], r["split"]) for r in records] == [("stsb", "dev"), ("rte", "dev")]
-    stsb, rte = records
+    records, summaries, average = split_lines(lines)
+    assert [(r["task"], r["split"], r["seed"]) for r in records] == \
+        [("stsb", "dev", seed) for seed in (5, 6, 7)] + [("rte", "dev", seed) for seed in (5, 6, 7)]
+    stsb, rte = records[0], records[3]
     assert set(stsb["metrics"]) == {"pearson", "spearman"}
-    assert all(-1 <= v <= 1 for v in stsb["metrics"].values())
+    assert all(-1 <= v <= 1 for r in records[:3] for v in r["metrics"].values())
     assert set(rte["metrics"]) == {"accuracy"} and rte["n_eval"] == 8 and rte["n_train"] == 24
     assert stsb["moe"] == "dense" and not stsb["clustered"]
-    assert "| stsb | dev | pearson" in printed and "| rte | dev | accuracy" in printed
-    assert "skipped for missing data: cola, sst2, mrpc, qqp, mnli, qnli, wnli" in printed
-    # Same config, same numbers; the second run appends to the same log.
-    assert eval_glue.finetune_and_evaluate(cfg) == records
-    assert read_jsonl(tmp_path / "r.jsonl") == records + records
+    assert len({r["metrics"]["pearson"] for r in records[:3]}) == 3  # the seeds really differ
+    # Each summary against numpy over its task's per-seed records, and the score by hand.
+    by_task = {"stsb": records[:3], "rte": records[3:]}
+    scores = {"stsb": [(r["metrics"]["pearson"] + r["metrics"]["spearman"]) / 2
+                       for r in by_task["stsb"]],
+              "rte": [r["metrics"]["accuracy"] for r in by_task["rte"]]}
+    assert [s["task"] for s in summaries] == ["stsb", "rte"]
+    for summary in summaries:
+        task_records = by_task[summary["task"]]
+        assert summary["seeds"] == [5, 6, 7] and summary["n_eval"] == {"dev": 8}
+        for name, stat in summary["metrics"]["dev"].items():
+            values = [r["metrics"][name] for r in task_records]
+            assert stat["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+            assert stat["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+        assert summary["score"]["values"] == pytest.approx(scores[summary["task"]], abs=1e-12)
+        assert summary["score"]["std"] == pytest.approx(np.std(scores[summary["task"]], ddof=1))
+    # The average: per seed the mean over tasks of the task scores, then mean/std over seeds.
+    per_seed = (np.array(scores["stsb"]) + np.array(scores["rte"])) / 2
+    assert average["tasks"] == ["stsb", "rte"] and average["seeds"] == [5, 6, 7]
+    assert average["score"]["values"] == pytest.approx(per_seed, abs=1e-12)
+    assert average["score"]["mean"] == pytest.approx(np.mean(per_seed), abs=1e-12)
+    assert average["score"]["std"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
+    assert average["score"]["mean"] == pytest.approx(
+        np.mean([s["score"]["mean"] for s in summaries]), abs=1e-12)
+    mean, std = average["score"]["mean"], average["score"]["std"]
+    assert f"| average | {mean:.4f} ± {std:.4f} | over stsb, rte |" in printed
+    assert "| stsb | " in printed and "pearson " in printed and "| rte | " in printed
+    assert "skipped for missing data: cola (no train.tsv, dev.tsv in" in printed
+    assert read_jsonl(tmp_path / "r.jsonl") == lines
+    # A run of one seed alone gives that seed's record: each run starts from the checkpoint.
+    alone = eval_glue.finetune_and_evaluate(cfg_for(
+        ckpts["dense"], tmp_path / "glue", tmp_path / "r.jsonl", "--task=rte", "--epochs=2",
+        "--batch_size=8", "--lr=1e-3", "--seed=6", "--seeds=1"))
+    assert alone[0] == records[4]
+    # Same config, same numbers; the run appends to the same log.
+    assert eval_glue.finetune_and_evaluate(cfg) == lines
+    assert read_jsonl(tmp_path / "r.jsonl") == lines + alone + lines
+
+
+def test_glue_score():
+    score = eval_glue.glue_score
+    assert score("cola", {"dev": {"mcc": 0.3}}) == 0.3
+    assert score("mrpc", {"dev": {"accuracy": 0.8, "f1": 0.9}}) == pytest.approx(0.85)
+    assert score("stsb", {"dev": {"pearson": 0.5, "spearman": 0.7}}) == pytest.approx(0.6)
+    assert score("mnli", {"dev_matched": {"accuracy": 0.7},
+                          "dev_mismatched": {"accuracy": 0.8}}) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="mnli is scored from .*dev_mismatched"):
+        score("mnli", {"dev_matched": {"accuracy": 0.7}})
+    with pytest.raises(ValueError, match="mrpc is scored from"):
+        score("mrpc", {"dev": {"accuracy": 0.8}})
+    # The GLUE leaderboard's BERT-large row (test sets): its score 80.5 is the mean of these.
+    row = {"cola": {"mcc": 60.5}, "sst2": {"accuracy": 94.9},
+           "mrpc": {"f1": 89.3, "accuracy": 85.4}, "stsb": {"pearson": 87.6, "spearman": 86.5},
+           "qqp": {"f1": 72.1, "accuracy": 89.3}, "qnli": {"accuracy": 92.7},
+           "rte": {"accuracy": 70.1}, "wnli": {"accuracy": 65.1}}
+    tasks = [score(task, {"dev": metrics}) for task, metrics in row.items()]
+    tasks.append(score("mnli", {"dev_matched": {"accuracy": 86.7},
+                                "dev_mismatched": {"accuracy": 85.9}}))
+    assert round(float(np.mean(tasks)), 1) == 80.5
+
+
+def test_staged_and_listed_tasks(ckpts, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "glue"
+    write_rte(root)
+    write_stsb(root, n_train=8, n_dev=4)
+    write_tsv(root / "QNLI", "dev", ("index", "question", "sentence", "label"),
+              [(0, "why", "because", "entailment")])
+    write_tsv(root / "MNLI", "train", ("a",), [])  # all but dev_mismatched.tsv
+    write_tsv(root / "MNLI", "dev_matched", ("a",), [])
+    (root / "CoLA").mkdir()  # a folder with no split file is not staged
+    monkeypatch.setattr(glue, "fetch", lambda *args: pytest.fail("staged must not download"))
+    out = tmp_path / "r.jsonl"
+    plan = eval_glue.prepare(cfg_for(ckpts["dense"], root, out, "--task=staged", "--download"))
+    assert plan["tasks"] == ["stsb", "rte"]  # GLUE's order
+    assert plan["skipped"] == {"mnli": f"no dev_mismatched.tsv in {root / 'MNLI'}",
+                               "qnli": f"no train.tsv in {root / 'QNLI'}"}
+    lines = eval_glue.finetune_and_evaluate(cfg_for(
+        ckpts["dense"], root, out, "--task=staged", "--seeds=2", "--epochs=1"), plan)
+    records, summaries, average = split_lines(lines)
+    assert len(records) == 4 and average["tasks"] == ["stsb", "rte"]
+    assert f"qnli (no train.tsv in {root / 'QNLI'})" in capsys.readouterr().out
+    # A list keeps its order, drops repeats, accepts the release's names; staged looks nowhere
+    # else: a task folder as data_dir stages that one task.
+    listed = cfg_for(ckpts["dense"], root, out, "--task=rte, STS-B,rte,qnli")
+    assert eval_glue.prepare(listed)["tasks"] == ["rte", "stsb"]
+    assert eval_glue.requested_tasks("rte, STS-B,rte") == ["rte", "stsb"]
+    alone = cfg_for(ckpts["dense"], root / "RTE", out, "--task=staged")
+    assert eval_glue.prepare(alone)["tasks"] == ["rte"]
 
 
 @pytest.mark.parametrize("moe", ["clustered", "dense"])
@@ -149,7 +253,7 @@ def test_learns_a_keyword_task(ckpts, tmp_path):
         write_tsv(tmp_path / "SST-2", split, ("sentence", "label"), rows(n))
     records = eval_glue.finetune_and_evaluate(cfg_for(
         ckpts["clustered"], tmp_path / "SST-2", tmp_path / "r.jsonl", "--epochs=4",
-        "--batch_size=16", "--lr=2e-3", "--warmup=0.1"))
+        "--batch_size=16", "--lr=2e-3", "--warmup=0.1", "--seeds=1"))
     assert records[0]["n_eval"] == 128
     assert records[0]["metrics"]["accuracy"] >= 0.85
 
@@ -162,8 +266,8 @@ def test_download_fetches_only_missing_tasks(ckpts, tmp_path, monkeypatch):
         write_rte(Path(data_dir))
     monkeypatch.setattr(glue, "fetch", fake_fetch)
     cfg = cfg_for(ckpts["dense"], tmp_path / "glue", tmp_path / "r.jsonl", "--task=rte",
-                  "--download", "--epochs=1")
-    assert [r["task"] for r in eval_glue.finetune_and_evaluate(cfg)] == ["rte"]
+                  "--download", "--epochs=1", "--seeds=1")
+    assert [r["task"] for r in eval_glue.finetune_and_evaluate(cfg)] == ["rte", "rte", "average"]
     assert eval_glue.prepare(cfg)["tasks"] == ["rte"] and calls == ["rte"]  # present: no refetch
 
 
@@ -175,12 +279,18 @@ def test_errors_before_any_work(ckpts, tmp_path):
         eval_glue.finetune_and_evaluate(cfg_for(ckpt, data_dir, out, "--task=rte", *extra))
     with pytest.raises(ValueError, match="unknown GLUE task 'nope'; valid tasks: cola, sst2"):
         run(ckpts["dense"], "--task=nope")
+    with pytest.raises(ValueError, match="unknown GLUE task 'nope'"):
+        run(ckpts["dense"], "--task=rte,nope")
     with pytest.raises(ValueError, match="warmup"):
         run(ckpts["dense"], "--warmup=1.5")
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        run(ckpts["dense"], "--seeds=0")
     with pytest.raises(FileNotFoundError, match=r"task=rte in .*empty.RTE.*--download.*--data_dir"):
         run(ckpts["dense"], data_dir=tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no GLUE data for task=all.*--download"):
         run(ckpts["dense"], "--task=all", data_dir=tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"task=staged in .*empty \(need train"):
+        run(ckpts["dense"], "--task=staged", data_dir=tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="checkpoint .*missing.pt not found"):
         run(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
