@@ -1,17 +1,17 @@
 """The paper's comparison, measured.  `python bench.py` (GPU), `python bench.py --smoke` (CPU).
 
-Owns: BenchConfig and the sections:
+Owns: BenchConfig, the table of sections (name -> function; `--sections=a,b` picks them):
   layers     one FFN layer forward+backward: dense, top-k and clustered, grouped and loop
              (DESIGN.md's hot-path table), optionally torch.compile'd (bench_layers.py)
   profile    the CUDA kernels that dominate each MoE layer's step (bench_layers.py)
-  models     whole models at train.py's default size: parameters, train and inference
-             tokens/s, peak memory in training
+  models     whole models: parameters, train and inference tokens/s, peak memory in training
   inference  dense, top-k, clustered, clustered+INT4, clustered+INT4+offload: inference
              tokens/s and peak memory, at the default size and a larger one
-  quality    short real trainings of each model on the same data and seed (train.py), then
-             val perplexity, expert-load CV/variance, heatmaps, the all-to-all volume that
+  quality    `seeds` real trainings of each model on the same data (bench_quality.py), then
+             val perplexity and load CV as mean +- std, heatmaps, the all-to-all volume that
              expert parallelism would move, INT4 and offload perplexity
-and the closing table that marks each of the paper's claims met or not, with the ratio.
+and the closing table that marks each of the paper's claims met, not met, or within noise.
+`--preset=paper` runs the whole-model sections at the paper's size (train.PRESETS).
 Does not own: model code (model.py, train.py), plotting (plots.py).
 """
 import dataclasses
@@ -28,11 +28,12 @@ import torch
 
 import data
 from bench_layers import bench_layers, profile_layers, timed
+from bench_quality import beyond_noise, read_log, routing_stats, run_grid, run_variants, summarize
 from cluster import recluster_model
 from model import GPT
 from offload import ClusterOffloader
 from quant import quantize_model
-from train import TrainConfig, evaluate, load_model, parse_config, train
+from train import PRESETS, TrainConfig, evaluate, load_model, parse_config
 
 
 @dataclass
@@ -41,6 +42,7 @@ class BenchConfig:
     device: str = "auto"
     smoke: bool = False
     sections: str = "layers,models,inference,quality"
+    preset: str = ""               # '' | paper: whole-model sections at that size (train.PRESETS)
     # layer benchmark (DESIGN.md's setting)
     tokens: int = 16384
     n_embd: int = 512
@@ -60,10 +62,12 @@ class BenchConfig:
     big_hidden: int = 2048
     offload_clusters: int = 4      # offload budget, in cluster entries
     # quality
-    dataset: str = "shakespeare"
+    dataset: str = "shakespeare"   # as train.py: a name, or folders/zips of .txt, comma-separated
     data_dir: str = "data"
     train_iters: int = 1000
     eval_iters: int = 20
+    seeds: int = 3                 # trainings per model; quality is reported as mean +- std
+    parallel: int = 1              # train.py processes at once on the one device (see bench_quality)
     routing_batches: int = 8       # val batches for load statistics and all-to-all volume
 
     def shrink(self):
@@ -72,14 +76,15 @@ class BenchConfig:
         self.n_experts, self.n_clusters, self.rank = 8, 2, 4
         self.repeats, self.warmup, self.compile_layers = 2, 1, False
         self.batch_size, self.big_layers, self.big_embd, self.big_hidden = 2, 1, 32, 64
-        self.train_iters, self.eval_iters, self.routing_batches = 4, 1, 1
+        self.train_iters, self.eval_iters, self.routing_batches, self.seeds = 4, 1, 1, 2
         return self
 
 
 def _model_config(cfg: BenchConfig, moe: str, big: bool = False) -> TrainConfig:
     """train.py's default model (or the larger inference size), shrunk under --smoke."""
     tc = TrainConfig(moe=moe, dataset=cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size,
-                     eval_iters=cfg.eval_iters, max_iters=cfg.train_iters, seed=cfg.seed)
+                     eval_iters=cfg.eval_iters, max_iters=cfg.train_iters, seed=cfg.seed,
+                     **PRESETS.get(cfg.preset, {}))
     if big:
         tc.n_layer, tc.n_embd, tc.ffn_hidden, tc.n_head = (cfg.big_layers, cfg.big_embd,
                                                            cfg.big_hidden, cfg.big_embd // 64)
@@ -176,88 +181,103 @@ def bench_inference(cfg: BenchConfig, device) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def routing_stats(model: GPT, val, tc: TrainConfig, device, n_batches: int) -> dict:
-    """Expert loads per layer and, from the same real routing decisions, how many devices
-    each token's activation must visit if each cluster's worth of experts sat on its own
-    device (top-k: experts round-robin over G devices; clustered: cluster g on device g)."""
-    layers = model.moe_layers()
-    loads = torch.zeros(len(layers), tc.n_experts)
-    devices_per_token, captured = [], []
-    hooks = [layer.register_forward_pre_hook(lambda mod, args: captured.append((mod, args[0])))
-             for layer in layers]
-    gen = torch.Generator().manual_seed(tc.seed + 2)
-    model.eval()
-    for _ in range(n_batches):
-        x, _ = data.get_batch(val, tc.batch_size, tc.block_size, device, gen)
-        captured.clear()
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            model(x)
-            for i, (layer, inp) in enumerate(captured):
-                routing = layer.route(inp.reshape(-1, inp.shape[-1]))
-                # Loads by original expert identity, so heatmaps compare like with like.
-                loads[i].index_add_(0, layer.expert_ids[routing.expert_idx.flatten()].cpu(),
-                                    torch.ones(routing.expert_idx.numel()))
-                m = tc.n_experts // tc.n_clusters
-                device_of = routing.expert_idx // m if layer.clustered else routing.expert_idx % tc.n_clusters
-                distinct = (device_of.sort(-1).values.diff(dim=-1) != 0).sum(-1) + 1
-                devices_per_token.append(distinct.float().mean().item())
-    for hook in hooks:
-        hook.remove()
-    fractions = loads / loads.sum(-1, keepdim=True)
-    cv = (fractions.std(-1, unbiased=False) / fractions.mean(-1)).mean().item()
-    variance = (fractions * tc.n_experts).var(-1, unbiased=False).mean().item()
-    return {"load_cv": cv, "load_variance": variance, "loads": loads.tolist(),
-            "devices_per_token": sum(devices_per_token) / len(devices_per_token)}
-
-
 def bench_quality(cfg: BenchConfig, device, out: Path) -> dict:
-    """Same data, seed and token budget for each model; then held-out quality and routing."""
-    results = {"runs": {}}
+    """`seeds` trainings of each model on the same data and token budget; then held-out
+    quality and routing per run, summarized as mean +- std; INT4 and offload on seed 0."""
+    grid = {}
     for moe in ("dense", "topk", "clustered"):
-        tc = _model_config(cfg, moe)
-        tc.out_dir, tc.device = str(out / f"train_{moe}"), str(device)
-        tc.compile = device.type == "cuda"
-        log_path = Path(tc.out_dir) / "log.jsonl"
-        log_path.unlink(missing_ok=True)
-        (Path(tc.out_dir) / "reclusters.jsonl").unlink(missing_ok=True)
-        _free(device)
-        train(tc)
-        log = [json.loads(line) for line in log_path.read_text().splitlines()]
-        # Steady state: the first interval holds compilation, later ones may hold a recluster.
-        speeds = [r["tokens_per_sec"] for r in log[1:]] or [log[0]["tokens_per_sec"]]
-        run = {"val_loss": log[-1]["val_loss"], "val_ppl": log[-1]["val_ppl"],
-               "train_tokens_per_sec": statistics.median(speeds), "train_peak_mib": _peak_mib(device),
-               "total_params": log[-1]["total_params"], "expert_params": log[-1]["expert_params"],
-               "active_params": log[-1]["active_params"], "log": log}
-        model, _ = load_model(Path(tc.out_dir) / "ckpt.pt", device)
-        val = data.load_split(data.prepare(tc.dataset, tc.data_dir), "val")
-        if moe != "dense":
-            run.update(routing_stats(model, val, tc, device, cfg.routing_batches))
-            run["routing_candidates"] = tc.n_experts if moe == "topk" else \
-                tc.n_clusters + tc.n_experts // tc.n_clusters
-        if moe == "clustered":
-            autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-            run["val_loss_float"] = evaluate(model, val, tc, device, autocast)
-            # Model-only checkpoints, float and INT4, and the INT4 one read back through the
-            # same loader train.py uses: the quantized model is measured after a round trip.
-            paths = {"float": out / "clustered_float.pt", "int4": out / "clustered_int4.pt"}
-            torch.save({"model": model.state_dict(), "config": dataclasses.asdict(tc)}, paths["float"])
-            quantize_model(model)
-            torch.save({"model": model.state_dict(), "config": dataclasses.asdict(tc)}, paths["int4"])
-            model, _ = load_model(paths["int4"], device)
-            for kind, path in paths.items():
-                run[f"ckpt_mib_{kind}"] = path.stat().st_size / 2**20
-            run["val_loss_int4"] = evaluate(model, val, tc, device, autocast)
-            cache = ClusterOffloader(model, 0, device)
-            cache.budget = cfg.offload_clusters * cache.entry_bytes((0, 0))
-            run["val_loss_int4_offload"] = evaluate(model, val, tc, device, autocast)
-            run["int4_ppl_change"] = math.exp(run["val_loss_int4"] - run["val_loss_float"]) - 1
-            reclusters = Path(tc.out_dir) / "reclusters.jsonl"
-            run["reclusters"] = [json.loads(l) for l in reclusters.read_text().splitlines()]
-        results["runs"][moe] = run
-        del model
+        for i in range(cfg.seeds):
+            tc = _model_config(cfg, moe)
+            tc.seed, tc.out_dir, tc.device = cfg.seed + i, str(out / f"train_{moe}_s{i}"), str(device)
+            tc.compile = device.type == "cuda"
+            grid[moe, i] = tc
+    run_grid(list(grid.values()), cfg.parallel)
+    results = {"runs": {}, "parallel": cfg.parallel, "seeds": cfg.seeds}
+    for moe in ("dense", "topk", "clustered"):
+        per_seed = []
+        for i in range(cfg.seeds):
+            tc = grid[moe, i]
+            log = read_log(tc)
+            # Steady state: the first interval holds compilation, later ones may hold a recluster.
+            speeds = [r["tokens_per_sec"] for r in log[1:]] or [log[0]["tokens_per_sec"]]
+            run = {"seed": tc.seed, "val_loss": log[-1]["val_loss"], "val_ppl": log[-1]["val_ppl"],
+                   "train_tokens_per_sec": statistics.median(speeds), "log": log,
+                   **{k: log[-1][k] for k in ("total_params", "expert_params", "active_params")}}
+            _free(device)
+            model, _ = load_model(Path(tc.out_dir) / "ckpt.pt", device)
+            val = data.load_split(data.prepare(tc.dataset, tc.data_dir, val_split=tc.val_split), "val")
+            if moe != "dense":
+                run.update(routing_stats(model, val, tc, device, cfg.routing_batches))
+                run["routing_candidates"] = tc.n_experts if moe == "topk" else \
+                    tc.n_clusters + tc.n_experts // tc.n_clusters
+            if moe == "clustered" and i == 0:
+                run.update(_int4_and_offload(model, tc, val, cfg, device, out))
+            per_seed.append(run)
+            del model
+        summary = dict(per_seed[0])  # seed 0's details (logs, loads) feed the plots
+        for key in ("val_ppl", "val_loss", "train_tokens_per_sec", "load_cv", "load_variance"):
+            if key in per_seed[0]:
+                values = [r[key] for r in per_seed]
+                summary[key + "_seeds"] = values
+                summary[key + "_mean"], summary[key + "_std"] = (summarize(values)[s] for s in ("mean", "std"))
+        summary["n_seeds"] = cfg.seeds
+        results["runs"][moe] = summary
     return results
+
+
+# Declared grids of TrainConfig overrides, trained `seeds` times each (bench_quality.run_variants).
+GRIDS = {
+    # Is the top-k baseline sound? Each row changes one thing against top-k at the same budget;
+    # the "long" rows run 2.44x longer (about 40M tokens: two enwiki shards, seen once).
+    "baseline": {
+        "dense": {"moe": "dense"}, "topk": {"moe": "topk"},
+        "topk lr=2e-3": {"moe": "topk", "lr": 2e-3}, "topk lr=5e-4": {"moe": "topk", "lr": 5e-4},
+        "topk weight_decay=0": {"moe": "topk", "weight_decay": 0.0},
+        "dense weight_decay=0": {"moe": "dense", "weight_decay": 0.0},
+        "topk aux=0.001": {"moe": "topk", "aux_loss_coef": 0.001},
+        "topk E=8": {"moe": "topk", "n_experts": 8},
+        "dense long": {"moe": "dense", "max_iters_scale": 2.44},
+        "topk long": {"moe": "topk", "max_iters_scale": 2.44},
+    },
+}
+
+
+def bench_grid(name: str):
+    """A section that trains GRIDS[name] on the quality data (dropout, schedule as train.py)."""
+    def run(cfg: BenchConfig, device, out: Path) -> list[dict]:
+        base = _model_config(cfg, "topk")
+        base.eval_interval, base.warmup_iters, base.recluster_interval = (
+            max(1, cfg.train_iters // 5), 200, 200) if not cfg.smoke else (2, 2, 1)
+        base.device, base.compile = str(device), device.type == "cuda"
+        variants = {}
+        for variant, overrides in GRIDS[name].items():
+            overrides = dict(overrides)
+            scale = overrides.pop("max_iters_scale", 1.0)
+            variants[variant] = {**overrides, "max_iters": round(base.max_iters * scale),
+                                 "eval_interval": round(base.eval_interval * scale)}
+        return run_variants(base, variants, cfg.seeds, out / name, cfg.parallel)
+    return run
+
+
+def _int4_and_offload(model, tc: TrainConfig, val, cfg: BenchConfig, device, out: Path) -> dict:
+    """Float vs INT4 (after a checkpoint round trip) vs INT4 + offload, same val batches."""
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    run = {"val_loss_float": evaluate(model, val, tc, device, autocast)}
+    paths = {"float": out / "clustered_float.pt", "int4": out / "clustered_int4.pt"}
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(tc)}, paths["float"])
+    quantize_model(model)
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(tc)}, paths["int4"])
+    model, _ = load_model(paths["int4"], device)
+    for kind, path in paths.items():
+        run[f"ckpt_mib_{kind}"] = path.stat().st_size / 2**20
+    run["val_loss_int4"] = evaluate(model, val, tc, device, autocast)
+    cache = ClusterOffloader(model, 0, device)
+    cache.budget = cfg.offload_clusters * cache.entry_bytes((0, 0))
+    run["val_loss_int4_offload"] = evaluate(model, val, tc, device, autocast)
+    run["int4_ppl_change"] = math.exp(run["val_loss_int4"] - run["val_loss_float"]) - 1
+    reclusters = Path(tc.out_dir) / "reclusters.jsonl"
+    run["reclusters"] = [json.loads(l) for l in reclusters.read_text().splitlines()]
+    return run
 
 
 def markdown(rows: list[dict], columns: list[str]) -> str:
@@ -267,45 +287,112 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _verdict(met: bool, noisy: bool = False) -> str:
+    return "within noise" if noisy else ("met" if met else "not met")
+
+
 def claims(results: dict) -> list[dict]:
-    """Each of the paper's headline claims against what this run measured."""
+    """Each of the paper's headline claims against what this run measured. A quality claim
+    whose gap is within two standard errors over seeds says "within noise"."""
     rows = []
 
-    def add(claim, paper, value, met):
-        rows.append({"claim": claim, "paper": paper, "measured": value, "met": "yes" if met else "no"})
-    runs = results.get("quality", {}).get("runs", {})
+    def add(claim, paper, value, verdict):
+        rows.append({"claim": claim, "paper": paper, "measured": value, "met": verdict})
+    quality = results.get("quality", {})
+    runs = quality.get("runs", {})
     top, clu = runs.get("topk"), runs.get("clustered")
     if top and clu:
+        n = clu["n_seeds"]
         ratio = clu["total_params"] / top["total_params"]
-        add("total parameters vs top-k", "about 80% fewer", f"{1 - ratio:.0%} fewer ({ratio:.2f}x)", ratio <= 0.25)
+        add("total parameters vs top-k", "about 80% fewer", f"{1 - ratio:.0%} fewer ({ratio:.2f}x)",
+            _verdict(ratio <= 0.25))
         ratio = clu["expert_params"] / top["expert_params"]
-        add("expert parameters vs top-k", "up to 5x fewer", f"{1 / ratio:.2f}x fewer", 1 / ratio >= 4)
-        speed = clu["train_tokens_per_sec"] / top["train_tokens_per_sec"]
-        add("train throughput vs top-k (compiled, steady state)", "+10-20%", f"{speed:.2f}x", speed >= 1.1)
-        var = top["load_variance"] / max(clu["load_variance"], 1e-12)
-        add("expert-load variance vs top-k", ">3x lower", f"{var:.2f}x lower (CV {top['load_cv']:.3f} -> "
-            f"{clu['load_cv']:.3f})", var >= 3)
-        ppl = clu["val_ppl"] / top["val_ppl"] - 1
-        add("val perplexity vs top-k", "matches", f"{ppl:+.1%} ({top['val_ppl']:.1f} -> {clu['val_ppl']:.1f})",
-            abs(ppl) <= 0.03)
+        add("expert parameters vs top-k", "up to 5x fewer", f"{1 / ratio:.2f}x fewer", _verdict(1 / ratio >= 4))
+        if quality.get("parallel", 1) <= 1:  # parallel runs share the GPU: their speed means nothing
+            speed = clu["train_tokens_per_sec_mean"] / top["train_tokens_per_sec_mean"]
+            add("train throughput vs top-k (compiled, steady state)", "+10-20%", f"{speed:.2f}x",
+                _verdict(speed >= 1.1))
+        var = top["load_variance_mean"] / max(clu["load_variance_mean"], 1e-12)
+        add("expert-load variance vs top-k (held-out)", ">3x lower",
+            f"{var:.2f}x lower (CV {top['load_cv_mean']:.3f} -> {clu['load_cv_mean']:.3f}, n={n})",
+            _verdict(var >= 3))
+        gap = clu["val_ppl_mean"] / top["val_ppl_mean"] - 1
+        noisy = not beyond_noise(clu["val_ppl_seeds"], top["val_ppl_seeds"])
+        add("val perplexity vs top-k", "matches",
+            f"{gap:+.1%} ({top['val_ppl_mean']:.1f} +- {top['val_ppl_std']:.1f} -> "
+            f"{clu['val_ppl_mean']:.1f} +- {clu['val_ppl_std']:.1f}, n={n})",
+            _verdict(abs(gap) <= 0.03, noisy))
         add("routing candidates per token", "E -> G + E/G", f"{top['routing_candidates']} -> "
-            f"{clu['routing_candidates']}", clu["routing_candidates"] < top["routing_candidates"])
+            f"{clu['routing_candidates']}", _verdict(clu["routing_candidates"] < top["routing_candidates"]))
         add("devices per token under expert parallelism", "k -> 1", f"{top['devices_per_token']:.2f} -> "
-            f"{clu['devices_per_token']:.2f}", clu["devices_per_token"] < top["devices_per_token"])
-        add("INT4 perplexity change", "small", f"{clu['int4_ppl_change']:+.2%}", abs(clu["int4_ppl_change"]) <= 0.01)
+            f"{clu['devices_per_token']:.2f}", _verdict(clu["devices_per_token"] < top["devices_per_token"]))
+        add("INT4 perplexity change", "small", f"{clu['int4_ppl_change']:+.2%}",
+            _verdict(abs(clu["int4_ppl_change"]) <= 0.01))
+    models = {r["model"]: r for r in results.get("models", [])}
+    if "topk" in models and "clustered" in models and not (top and quality.get("parallel", 1) <= 1):
+        speed = models["clustered"]["train_tokens_per_sec"] / models["topk"]["train_tokens_per_sec"]
+        add("train throughput vs top-k (models section, eager)", "+10-20%", f"{speed:.2f}x",
+            _verdict(speed >= 1.1))
     infer = {(r["size"], r["model"]): r for r in results.get("inference", [])}
     for size in ("default", "large"):
         off, top_r, den_r = (infer.get((size, m)) for m in ("clustered+int4+offload", "topk", "dense"))
         if off and top_r and den_r and not math.isnan(off["peak_mib"]):
             vs_top, vs_dense = off["peak_mib"] / top_r["peak_mib"], off["peak_mib"] / den_r["peak_mib"]
-            add(f"inference peak memory vs top-k ({size})", "about 50% lower", f"{vs_top:.2f}x", vs_top <= 0.5)
-            add(f"inference peak memory vs dense ({size})", "close to dense", f"{vs_dense:.2f}x", vs_dense <= 1.1)
+            add(f"inference peak memory vs top-k ({size})", "about 50% lower", f"{vs_top:.2f}x",
+                _verdict(vs_top <= 0.5))
+            add(f"inference peak memory vs dense ({size})", "close to dense", f"{vs_dense:.2f}x",
+                _verdict(vs_dense <= 1.1))
     return rows
+
+
+# Each section: (function(cfg, device, out) -> result, title(cfg, env), table columns).
+def _quality_rows(quality: dict) -> list[dict]:
+    rows = []
+    for name, run in quality["runs"].items():
+        row = {"model": name}
+        for key in ("val_ppl", "load_cv", "train_tokens_per_sec"):
+            if key + "_mean" in run:
+                row[key] = f"{run[key + '_mean']:.4g} +- {run[key + '_std']:.2g}"
+        row.update({k: run.get(k, "") for k in ("devices_per_token", "total_params", "expert_params")})
+        rows.append(row)
+    return rows
+
+
+SECTIONS = {
+    "layers": (lambda cfg, device, out: bench_layers(cfg, device),
+               lambda cfg, env: f"One FFN layer, forward+backward, {cfg.tokens} tokens, d={cfg.n_embd}, "
+                                f"h={cfg.ffn_hidden}, E={cfg.n_experts}, top-{cfg.top_k}, G={cfg.n_clusters}, "
+                                f"r={cfg.rank} ({env['device']}, torch {env['torch']}):",
+               ["layer", "ms", "tokens_per_sec", "speed_vs_topk", "ms_vs_minimal"]),
+    "profile": (lambda cfg, device, out: profile_layers(cfg, device), None, None),
+    "models": (lambda cfg, device, out: bench_models(cfg, device),
+               lambda cfg, env: f"Whole models ({cfg.preset or 'default'} size), eager "
+                                f"(train = fwd+bwd+AdamW step):",
+               ["model", "total_params", "active_params", "expert_params", "train_tokens_per_sec",
+                "infer_tokens_per_sec", "train_peak_mib"]),
+    "inference": (lambda cfg, device, out: bench_inference(cfg, device),
+                  lambda cfg, env: f"Inference (prefill {cfg.batch_size} x block tokens, bf16 weights "
+                                   f"on CUDA; offload budget {cfg.offload_clusters} clusters):",
+                  ["size", "model", "infer_tokens_per_sec", "peak_mib", "bytes_moved", "hits",
+                   "misses", "stalls"]),
+    "quality": (bench_quality,
+                lambda cfg, env: f"Trainings on {cfg.dataset}, {cfg.train_iters} iterations x "
+                                 f"{cfg.batch_size} x block tokens each, {cfg.seeds} seeds (mean +- std):",
+                ["model", "val_ppl", "load_cv", "train_tokens_per_sec", "devices_per_token",
+                 "total_params", "expert_params"]),
+}
+SECTIONS["baseline"] = (bench_grid("baseline"),
+                        lambda cfg, env: f"Top-k baseline study on {cfg.dataset}, {cfg.seeds} seeds "
+                                         f"({env['device']}):",
+                        ["variant", "tokens", "val_ppl", "val_ppl_std", "load_cv"])
+TABLE_ROWS = {"quality": _quality_rows}
 
 
 def main(cfg: BenchConfig) -> dict:
     if cfg.smoke:
         cfg.shrink()
+    if cfg.preset not in ("", *PRESETS):
+        raise ValueError(f"preset must be '' or one of {sorted(PRESETS)}, got {cfg.preset!r}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if cfg.device == "auto" else cfg.device)
     out = Path(cfg.out_dir)
@@ -315,42 +402,18 @@ def main(cfg: BenchConfig) -> dict:
            "command": "python bench.py " + " ".join(sys.argv[1:])}
     results = {"env": env, "config": asdict(cfg)}
     sections = cfg.sections.split(",")
-    unknown = set(sections) - {"layers", "profile", "models", "inference", "quality"}
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)}; valid: layers,profile,models,inference,quality")
+        raise ValueError(f"unknown sections {sorted(unknown)}; valid: {','.join(SECTIONS)}")
 
     def save():  # after every section, so a run cut short still leaves what it measured
         (out / "bench.json").write_text(json.dumps(results, indent=1))
-    if "layers" in sections:
-        results["layers"] = bench_layers(cfg, device)
-        print(f"\nOne FFN layer, forward+backward, {cfg.tokens} tokens, d={cfg.n_embd}, "
-              f"h={cfg.ffn_hidden}, E={cfg.n_experts}, top-{cfg.top_k}, G={cfg.n_clusters}, "
-              f"r={cfg.rank} ({env['device']}, torch {env['torch']}):")
-        print(markdown(results["layers"], ["layer", "ms", "tokens_per_sec", "speed_vs_topk"]))
-        save()
-    if "profile" in sections:
-        results["profile"] = profile_layers(cfg, device)
-        save()
-    if "models" in sections:
-        results["models"] = bench_models(cfg, device)
-        print("\nWhole models, default size, eager (train = fwd+bwd+AdamW step):")
-        print(markdown(results["models"], ["model", "total_params", "active_params", "expert_params",
-                                           "train_tokens_per_sec", "infer_tokens_per_sec", "train_peak_mib"]))
-        save()
-    if "inference" in sections:
-        results["inference"] = bench_inference(cfg, device)
-        print(f"\nInference (prefill {cfg.batch_size} x block tokens, bf16 weights on CUDA; "
-              f"offload budget {cfg.offload_clusters} clusters):")
-        print(markdown(results["inference"], ["size", "model", "infer_tokens_per_sec", "peak_mib",
-                                              "bytes_moved", "hits", "misses", "stalls"]))
-        save()
-    if "quality" in sections:
-        results["quality"] = bench_quality(cfg, device, out)
-        runs = [{"model": k, **{c: v for c, v in r.items() if not isinstance(v, (list, dict))}}
-                for k, r in results["quality"]["runs"].items()]
-        print(f"\nShort trainings on {cfg.dataset}, {cfg.train_iters} iterations each, same seed:")
-        print(markdown(runs, ["model", "val_ppl", "train_tokens_per_sec", "load_cv", "load_variance",
-                              "devices_per_token", "total_params", "expert_params"]))
+    for name in sections:
+        run, title, columns = SECTIONS[name]
+        results[name] = run(cfg, device, out)
+        if title is not None:
+            rows = TABLE_ROWS.get(name, lambda r: r)(results[name])
+            print(f"\n{title(cfg, env)}\n{markdown(rows, columns)}")
         save()
     results["claims"] = claims(results)
     try:
@@ -369,9 +432,6 @@ def main(cfg: BenchConfig) -> dict:
 if __name__ == "__main__":
     try:
         config = parse_config(BenchConfig, sys.argv[1:])
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    try:
         main(config)
     except ValueError as error:
         sys.exit(f"error: {error}")

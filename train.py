@@ -7,14 +7,13 @@ reclustering schedule (train as top-k for `warmup_iters`, then cluster + compres
 recluster every `recluster_interval`, rebuilding the optimizer with surviving state).
 Also the small helpers other entry points reuse: `parse_config`, `load_model`.
 """
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -28,10 +27,27 @@ from model import GPT, GPTConfig
 from router import load_cv
 
 
+# Named model sizes; explicit --field=value flags win over a preset's values.
+PRESETS = {
+    # The paper's setting (12 layers, d=768, E=32, G=8, r=16, top-2). It does not state the
+    # expert width; ffn_hidden=1536 is our choice: top-k then holds 0.97B parameters, near
+    # the paper's 875M Switch top-2, and the dense baseline (2 x 1536) is GPT-2 small.
+    "paper": dict(n_layer=12, n_head=12, n_embd=768, n_experts=32, n_clusters=8, rank=16,
+                  top_k=2, ffn_hidden=1536),
+}
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(GPTConfig):
+    """Every model.GPTConfig field (model shape, routing, moe_impl) plus the training ones.
+    Two model defaults differ for training: the clustered model and dropout 0.1."""
+    moe: str = "clustered"
+    dropout: float = 0.1
+    preset: str = ""               # '' | a key of PRESETS; applied by parse_config
     # data and I/O
-    dataset: str = "shakespeare"   # shakespeare | wikitext103 | path to a folder/.zip of .txt
+    dataset: str = "shakespeare"   # shakespeare | wikitext103 | folders/zips of .txt, comma-separated
+                                   # (a folder of zips means all of them)
+    val_split: str = "auto"        # auto | tail | documents (text collections; see data.py)
     data_dir: str = "data"
     out_dir: str = "out"
     resume: bool = False
@@ -39,22 +55,6 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     dtype: str = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
-    # model (see model.GPTConfig)
-    moe: str = "clustered"
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256
-    dropout: float = 0.1
-    ffn_hidden: int = 768
-    n_experts: int = 32
-    top_k: int = 2
-    n_clusters: int = 8
-    rank: int = 16
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    capacity_factor: float = 0.0
-    moe_impl: str = "auto"
     # clustering schedule (moe=clustered)
     warmup_iters: int = 200        # train as top-k MoE this long, then cluster + compress
     recluster_interval: int = 200
@@ -75,12 +75,12 @@ class TrainConfig:
     log_interval: int = 10
 
     def model_config(self) -> GPTConfig:
-        names = {f.name for f in fields(GPTConfig)}
-        return GPTConfig(**{k: v for k, v in asdict(self).items() if k in names})
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
 
     def validate(self):
         self.model_config().validate()
         rules = [
+            (self.preset in ("", *PRESETS), f"preset must be '' or one of {sorted(PRESETS)}"),
             (self.max_iters >= 1, "max_iters must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.eval_interval >= 1 and self.eval_iters >= 1 and self.log_interval >= 1,
@@ -89,19 +89,22 @@ class TrainConfig:
             (self.warmup_iters >= 0 and self.recluster_interval >= 1,
              "warmup_iters must be >= 0 and recluster_interval >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto|float32|bfloat16"),
-            (self.dataset in ("shakespeare", "wikitext103") or Path(self.dataset).exists(),
-             f"dataset {self.dataset!r} is not shakespeare|wikitext103 nor an existing path"),
         ]
         for ok, message in rules:
             if not ok:
                 raise ValueError(f"bad train config: {message}")
+        data.check_dataset(self.dataset, self.val_split)
         if self.resume and not (Path(self.out_dir) / "ckpt.pt").exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {Path(self.out_dir) / 'ckpt.pt'}")
         return self
 
 
-def parse_config(cls, argv: list[str]):
-    """`--field=value` overrides for any dataclass; unknown keys list the valid ones."""
+def parse_config(cls, argv: list[str], presets: dict | None = None):
+    """`--field=value` overrides for any dataclass; unknown keys list the valid ones.
+
+    With `presets` and a `--preset=NAME` flag, NAME's values are applied first and explicit
+    flags win over them.
+    """
     valid = {f.name: f for f in fields(cls)}
     values = {}
     for arg in argv:
@@ -122,6 +125,10 @@ def parse_config(cls, argv: list[str]):
                 values[key] = kind(raw)
             except ValueError:
                 raise ValueError(f"--{key} expects {kind.__name__}, got {raw!r}") from None
+    if presets is not None and values.get("preset"):
+        if values["preset"] not in presets:
+            raise ValueError(f"unknown preset {values['preset']!r}; valid: {', '.join(presets)}")
+        values = {**presets[values["preset"]], **values}
     return cls(**values)
 
 
@@ -207,32 +214,130 @@ def evaluate(model, val, cfg: TrainConfig, device, autocast) -> float:
     return torch.stack(losses).mean().item()
 
 
+# bf16 dense tensor-core peaks (FLOP/s), matched by substring of the device name, first hit
+# wins; model FLOPs utilization is reported only for these.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+             ("GH200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device) -> float | None:
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+@dataclass
+class Interval:
+    """What the loop accumulates between two evals (every rank); reset() when one closes."""
+    loss_sum: torch.Tensor                 # () summed LM loss of the interval's steps
+    loads: list[torch.Tensor]              # per MoE layer, (E,) token-slot counts
+    cluster_loads: list[torch.Tensor]      # per MoE layer, (G,) token counts
+    steps: int = 0
+    moved: int = 0                         # experts that changed cluster at reclusters
+    recluster_s: float = 0.0               # seconds spent reclustering (inside the timing)
+    t0: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, layers, device) -> "Interval":
+        return cls(torch.zeros((), device=device), [torch.zeros_like(l.expert_counts) for l in layers],
+                   [torch.zeros_like(l.cluster_counts) for l in layers])
+
+    def add_micro_step(self, lm_loss, layers, grad_accum: int):
+        self.loss_sum += lm_loss.detach() / grad_accum
+        for acc, cacc, layer in zip(self.loads, self.cluster_loads, layers):
+            acc += layer.expert_counts
+            cacc += layer.cluster_counts
+
+    def reset_loads(self):
+        """After a recluster the expert slots were permuted: count afresh."""
+        for acc in self.loads + self.cluster_loads:
+            acc.zero_()
+
+    def reset(self):
+        self.reset_loads()
+        self.loss_sum.zero_()
+        self.steps, self.moved, self.recluster_s, self.t0 = 0, 0, 0.0, time.perf_counter()
+
+
+def setup_distributed(cfg: TrainConfig):
+    """-> (ddp, rank, world, device, dtype). DDP when launched by torchrun (RANK is set)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return (False, 0, 1, *resolve_device(cfg.device, cfg.dtype))
+    dist.init_process_group("nccl")
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device, resolve_device("cuda", cfg.dtype)[1]
+
+
+def load_data(cfg: TrainConfig, master: bool, ddp: bool):
+    """Rank 0 prepares (downloads, tokenizes) while the others wait; all then memory-map."""
+    if master:
+        folder = data.prepare(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
+    if ddp:
+        dist.barrier()
+        folder = data.prepare(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
+    return data.load_split(folder, "train"), data.load_split(folder, "val"), data.read_meta(folder)
+
+
+def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, out_dir: Path) -> dict:
+    """Regroup and re-factorize every MoE layer (all ranks, from rank 0's statistics, so
+    every replica regroups identically); rank 0 appends the membership to reclusters.jsonl."""
+    layers = model.moe_layers()
+    if ddp:
+        for layer in layers:
+            for buf in layer.buffers():
+                dist.broadcast(buf, 0)
+    result = recluster_model(model, cfg.alpha, seed=cfg.seed + it)
+    if master:  # membership[layer][expert] = cluster of each original expert
+        m = cfg.n_experts // cfg.n_clusters
+        membership = [[0] * cfg.n_experts for _ in layers]
+        for row, layer in zip(membership, layers):
+            for slot, expert in enumerate(layer.expert_ids.tolist()):
+                row[expert] = slot // m
+        with open(out_dir / "reclusters.jsonl", "a") as f:
+            f.write(json.dumps({"iter": it, "moved": result["moved"], "membership": membership}) + "\n")
+    return result
+
+
+def close_interval(model, cfg: TrainConfig, it: int, lr: float, train_loss: float,
+                   interval: Interval, val_tokens, meta: dict, world: int, device, autocast) -> dict:
+    """Rank 0 only: evaluate and build the interval's log.jsonl record (tokens/s, MFU, load
+    CV, parameter counts). Timing stops before the evaluation."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - interval.t0
+    val_loss = evaluate(model, val_tokens, cfg, device, autocast)
+    layers = model.moe_layers()
+    tokens_per_sec = interval.steps * cfg.batch_size * cfg.block_size * cfg.grad_accum * world / elapsed
+    peak = peak_flops(device)
+    record = {"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss,
+              "val_ppl": math.exp(min(val_loss, 50)), "lr": lr, "tokens_per_sec": tokens_per_sec,
+              "mfu": model.flops_per_token() * tokens_per_sec / world / peak if peak else None,
+              "recluster_s": interval.recluster_s,  # inside elapsed (and so in tokens_per_sec)
+              "load_cv": sum(load_cv(a).item() for a in interval.loads) / max(1, len(layers)),
+              **model.param_counts(),
+              "n_reclusters": int(layers[0].n_reclusters) if layers else 0,
+              "experts_moved": interval.moved, "val_split": meta.get("val_split")}
+    if layers and layers[0].has_clusters:
+        record["cluster_load_cv"] = sum(load_cv(a).item() for a in interval.cluster_loads) / len(layers)
+    return record
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one training job; returns the last eval record."""
     cfg.validate()
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group("nccl")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-        dtype = resolve_device("cuda", cfg.dtype)[1]
-    else:
-        rank, world = 0, 1
-        device, dtype = resolve_device(cfg.device, cfg.dtype)
+    ddp, rank, world, device, dtype = setup_distributed(cfg)
     master = rank == 0
     torch.manual_seed(cfg.seed + rank)
     out_dir = Path(cfg.out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        folder = data.prepare(cfg.dataset, cfg.data_dir)
-    if ddp:
-        dist.barrier()
-        folder = data.prepare(cfg.dataset, cfg.data_dir)
-    train_tokens, val_tokens = data.load_split(folder, "train"), data.load_split(folder, "val")
+    train_tokens, val_tokens, meta = load_data(cfg, master, ddp)
 
+    # Model, optimizer and RNG streams: fresh, or exactly where the checkpoint left them.
     batch_gen = torch.Generator().manual_seed(cfg.seed + rank)
-    start_iter, history = 0, []
+    start_iter = 0
     if cfg.resume:
         model, ckpt = load_model(out_dir / "ckpt.pt", device)
         start_iter = ckpt["iter"]
@@ -251,37 +356,22 @@ def train(cfg: TrainConfig) -> dict:
     wrap = lambda: DDP(compiled, device_ids=[device]) if ddp else compiled
     runner = wrap()
     autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     layers = model.moe_layers()
-    load_acc = [torch.zeros_like(l.expert_counts) for l in layers]
-    cluster_acc = [torch.zeros_like(l.cluster_counts) for l in layers]
-    loss_acc, loss_steps, moved_since_eval = torch.zeros((), device=device), 0, 0
-    record, t0, iters_timed, recluster_s = {}, time.perf_counter(), 0, 0.0
+    interval, record = Interval.start(layers, device), {}
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
     for it in bar:
+        # Recluster event (all ranks): the parameter set changes, so optimizer and DDP follow.
         if recluster_due(it, cfg):
-            if ddp:  # every rank must regroup from identical statistics
-                for layer in layers:
-                    for buf in layer.buffers():
-                        dist.broadcast(buf, 0)
             t_recluster = time.perf_counter()
-            result = recluster_model(model, cfg.alpha, seed=cfg.seed + it)
-            moved_since_eval += result["moved"]
-            if master:  # membership[layer][expert] = cluster of each original expert
-                m = cfg.n_experts // cfg.n_clusters
-                membership = [[0] * cfg.n_experts for _ in layers]
-                for row, layer in zip(membership, layers):
-                    for slot, expert in enumerate(layer.expert_ids.tolist()):
-                        row[expert] = slot // m
-                with open(out_dir / "reclusters.jsonl", "a") as f:
-                    f.write(json.dumps({"iter": it, "moved": result["moved"],
-                                        "membership": membership}) + "\n")
+            result = recluster_event(model, cfg, it, ddp, master, out_dir)
             optimizer = build_optimizer(model, cfg, optimizer, result["reset"])
             runner = wrap()  # DDP must see the new parameter set
-            for acc in load_acc + cluster_acc:  # slots were permuted: count afresh
-                acc.zero_()
-            recluster_s += time.perf_counter() - t_recluster
+            interval.moved += result["moved"]
+            interval.reset_loads()
+            interval.recluster_s += time.perf_counter() - t_recluster
+
+        # One optimizer step (all ranks): grad_accum micro-batches, gradients synced on the last.
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -292,53 +382,38 @@ def train(cfg: TrainConfig) -> dict:
                 _, lm_loss, aux = runner(x, y)
                 loss = (lm_loss + aux) / cfg.grad_accum
             loss.backward()
-            loss_acc += lm_loss.detach() / cfg.grad_accum
-            for acc, cacc, layer in zip(load_acc, cluster_acc, layers):
-                acc += layer.expert_counts
-                cacc += layer.cluster_counts
-        loss_steps += 1
+            interval.add_micro_step(lm_loss, layers, cfg.grad_accum)
+        interval.steps += 1
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        iters_timed += 1
 
+        # Progress and the non-finite check (all ranks): one host sync per log_interval.
         last = it == cfg.max_iters - 1
-        if (it + 1) % cfg.log_interval == 0 or last or (it + 1) % cfg.eval_interval == 0:
-            train_loss = (loss_acc / loss_steps).item()  # one sync per log_interval
+        eval_now = (it + 1) % cfg.eval_interval == 0 or last
+        if (it + 1) % cfg.log_interval == 0 or eval_now:
+            train_loss = (interval.loss_sum / interval.steps).item()
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"non-finite loss {train_loss} at iteration {it}; "
                                          f"the last good checkpoint in {out_dir} is kept")
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}")
-        if ((it + 1) % cfg.eval_interval == 0 or last) and master:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
-            val_loss = evaluate(model, val_tokens, cfg, device, autocast)
-            record = {"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss,
-                      "val_ppl": math.exp(min(val_loss, 50)), "lr": lr,
-                      "tokens_per_sec": iters_timed * tokens_per_iter / elapsed,
-                      "recluster_s": recluster_s,  # inside elapsed (and so in tokens_per_sec)
-                      "load_cv": sum(load_cv(a).item() for a in load_acc) / max(1, len(layers)),
-                      **model.param_counts(),
-                      "n_reclusters": int(layers[0].n_reclusters) if layers else 0,
-                      "experts_moved": moved_since_eval}
-            if layers and layers[0].clustered:
-                record["cluster_load_cv"] = sum(load_cv(a).item() for a in cluster_acc) / len(layers)
-            history.append(record)
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.write(f"iter {it + 1}: train {train_loss:.4f} val {val_loss:.4f} "
-                      f"ppl {record['val_ppl']:.1f} tok/s {record['tokens_per_sec']:.0f} "
-                      f"load_cv {record['load_cv']:.3f}")
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "config": asdict(cfg), "iter": it + 1, "rng": rng_state(batch_gen)},
-                        out_dir / "ckpt.pt")
-            for acc in load_acc + cluster_acc:
-                acc.zero_()
-            loss_acc.zero_()
-            loss_steps, moved_since_eval, iters_timed, recluster_s = 0, 0, 0, 0.0
-            t0 = time.perf_counter()
+
+        # Close the eval interval: rank 0 evaluates, logs and checkpoints; every rank restarts
+        # its interval (and the clock).
+        if eval_now:
+            if master:
+                record = close_interval(model, cfg, it, lr, train_loss, interval, val_tokens, meta,
+                                        world, device, autocast)
+                with open(out_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.write(f"iter {it + 1}: train {train_loss:.4f} val {record['val_loss']:.4f} "
+                          f"ppl {record['val_ppl']:.1f} tok/s {record['tokens_per_sec']:.0f} "
+                          f"load_cv {record['load_cv']:.3f}")
+                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "config": asdict(cfg), "iter": it + 1, "rng": rng_state(batch_gen)},
+                            out_dir / "ckpt.pt")
+            interval.reset()
     if ddp:
         dist.destroy_process_group()
     return record
@@ -346,7 +421,7 @@ def train(cfg: TrainConfig) -> dict:
 
 if __name__ == "__main__":
     try:
-        config = parse_config(TrainConfig, sys.argv[1:]).validate()
+        config = parse_config(TrainConfig, sys.argv[1:], PRESETS).validate()
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     train(config)

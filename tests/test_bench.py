@@ -21,6 +21,10 @@ def test_smoke_runs_every_section(tmp_path):
     assert offload["bytes_moved"] > 0 and offload["misses"] > 0
     runs = saved["quality"]["runs"]
     assert all(math.isfinite(runs[m]["val_loss"]) for m in ("dense", "topk", "clustered"))
+    for m in ("dense", "topk", "clustered"):   # --smoke trains 2 seeds of each model
+        seeds = runs[m]["val_ppl_seeds"]
+        assert len(seeds) == 2 and runs[m]["val_ppl_mean"] == sum(seeds) / 2
+        assert runs[m]["val_ppl_std"] == abs(seeds[0] - seeds[1]) / 2 ** 0.5
     # real routing decisions: a clustered token visits exactly one device, top-k up to k
     assert runs["clustered"]["devices_per_token"] == 1.0
     assert 1.0 <= runs["topk"]["devices_per_token"] <= 2.0
@@ -28,6 +32,13 @@ def test_smoke_runs_every_section(tmp_path):
     assert len(runs["clustered"]["reclusters"]) >= 1
     claims = {c["claim"]: c for c in saved["claims"]}
     assert claims["routing candidates per token"]["measured"] == "8 -> 6"
+    assert {c["met"] for c in saved["claims"]} <= {"met", "not met", "within noise"}
     assert results["claims"] == saved["claims"]
     for png in saved.get("plots", []):
         assert (tmp_path / "bench" / png).stat().st_size > 1000
+
+
+def test_sections_table_rejects_unknown_names(tmp_path):
+    import pytest
+    with pytest.raises(ValueError, match="unknown sections"):
+        bench.main(bench.BenchConfig(sections="layers,nope", out_dir=str(tmp_path)))

@@ -51,7 +51,7 @@ def test_resume_equals_uninterrupted(tmp_path, moe):
 
 
 def test_config_errors_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="valid keys: dataset"):
+    with pytest.raises(ValueError, match="valid keys: .*dataset"):
         parse_config(TrainConfig, ["--no_such_flag=1"])
     with pytest.raises(ValueError, match="expects int"):
         parse_config(TrainConfig, ["--max_iters=many"])

@@ -1,0 +1,165 @@
+"""Quality runs for bench.py: a declared grid of (variant, seed) trainings and their summary.
+
+Owns: running train.py once per (variant, seed) -- in-process one after another, or as
+`parallel` subprocesses sharing one GPU (a default-size model leaves most of an H100 idle,
+so quality runs overlap well; their tokens/s then mean nothing and bench.py takes speed from
+its `models` section instead) -- skipping runs whose log already reaches the last iteration,
+so a bench cut short resumes where it stopped; held-out routing statistics of a trained
+checkpoint; mean and spread over seeds, and the noise test every quality claim goes through.
+Does not own: which variants exist or what is claimed (bench.py), training (train.py).
+"""
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+import data
+from model import GPT
+from train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parent
+
+
+def read_log(tc: TrainConfig) -> list[dict]:
+    path = Path(tc.out_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def finished(tc: TrainConfig) -> bool:
+    log = read_log(tc)
+    return bool(log) and log[-1]["iter"] >= tc.max_iters
+
+
+def _flags(tc: TrainConfig) -> list[str]:
+    return [f"--{f.name}={getattr(tc, f.name)}" for f in fields(tc)]
+
+
+def _fresh(tc: TrainConfig):
+    """A run that did not finish starts over: its partial log would mix two runs."""
+    for name in ("log.jsonl", "reclusters.jsonl", "ckpt.pt"):
+        (Path(tc.out_dir) / name).unlink(missing_ok=True)
+    Path(tc.out_dir).mkdir(parents=True, exist_ok=True)
+
+
+def run_grid(runs: list[TrainConfig], parallel: int = 1) -> None:
+    """Train every config not yet finished; `parallel` > 1 runs that many train.py processes
+    at once. A failed run is an error that quotes the end of its output."""
+    todo = [tc for tc in runs if not finished(tc)]
+    for tc in runs:
+        if tc not in todo:
+            print(f"skip (finished): {tc.out_dir}")
+    if parallel <= 1:
+        for tc in todo:
+            _fresh(tc)
+            train(tc)
+        return
+    # Tokenize once, before the workers start, so they do not race on preparing the data.
+    for tc in todo:
+        data.prepare(tc.dataset, tc.data_dir, val_split=tc.val_split)
+    active = []
+    while todo or active:
+        while todo and len(active) < parallel:
+            tc = todo.pop(0)
+            _fresh(tc)
+            log = open(Path(tc.out_dir) / "train.out", "w")
+            proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *_flags(tc)],
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            active.append((proc, tc, log))
+        time.sleep(0.5)
+        for item in [a for a in active if a[0].poll() is not None]:
+            proc, tc, log = item
+            log.close()
+            active.remove(item)
+            if proc.returncode != 0:
+                tail = (Path(tc.out_dir) / "train.out").read_text()[-2000:]
+                for other, _, other_log in active:
+                    other.kill()
+                    other_log.close()
+                raise RuntimeError(f"training {tc.out_dir} failed (exit {proc.returncode}):\n{tail}")
+
+
+def summarize(values: list[float]) -> dict:
+    """mean, sample standard deviation (0 for one value), and n."""
+    values = [float(v) for v in values]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def beyond_noise(a: list[float], b: list[float]) -> bool:
+    """Whether mean(a) - mean(b) exceeds two standard errors of the difference. With one
+    value per side there is no spread to test against, so every gap counts as a difference
+    (and the report says n=1)."""
+    sa, sb = summarize(a), summarize(b)
+    se = math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
+    return abs(sa["mean"] - sb["mean"]) > 2 * se
+
+
+@torch.no_grad()
+def routing_stats(model: GPT, val, tc: TrainConfig, device, n_batches: int) -> dict:
+    """Expert loads per layer on held-out text and, from the same routing decisions, how
+    many devices each token's activation must visit if each cluster's worth of experts sat
+    on its own device (top-k: experts round-robin over G devices; clustered: cluster g on
+    device g)."""
+    layers = model.moe_layers()
+    loads = torch.zeros(len(layers), tc.n_experts)
+    devices_per_token, captured = [], []
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: captured.append((mod, args[0])))
+             for layer in layers]
+    gen = torch.Generator().manual_seed(tc.seed + 2)
+    model.eval()
+    m = tc.n_experts // tc.n_clusters
+    for _ in range(n_batches):
+        x, _ = data.get_batch(val, tc.batch_size, tc.block_size, device, gen)
+        captured.clear()
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            model(x)
+            for i, (layer, inp) in enumerate(captured):
+                routing = layer.route(inp.reshape(-1, inp.shape[-1]))
+                # Loads by original expert identity, so heatmaps compare like with like.
+                loads[i].index_add_(0, layer.expert_ids[routing.expert_idx.flatten()].cpu(),
+                                    torch.ones(routing.expert_idx.numel()))
+                device_of = routing.expert_idx // m if layer.has_clusters else routing.expert_idx % tc.n_clusters
+                distinct = (device_of.sort(-1).values.diff(dim=-1) != 0).sum(-1) + 1
+                devices_per_token.append(distinct.float().mean().item())
+    for hook in hooks:
+        hook.remove()
+    fractions = loads / loads.sum(-1, keepdim=True)
+    cv = (fractions.std(-1, unbiased=False) / fractions.mean(-1)).mean().item()
+    variance = (fractions * tc.n_experts).var(-1, unbiased=False).mean().item()
+    return {"load_cv": cv, "load_variance": variance, "loads": loads.tolist(),
+            "devices_per_token": sum(devices_per_token) / len(devices_per_token)}
+
+
+def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: Path,
+                 parallel: int = 1) -> list[dict]:
+    """A declared grid: each named variant (TrainConfig overrides of `base`) trained with
+    `seeds` seeds; one row per variant with final val perplexity and load CV as mean and
+    std over seeds, tokens, experts moved and reclusters. Finished runs are skipped."""
+    grid = {}
+    for name, overrides in variants.items():
+        for i in range(seeds):
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            grid[name, i] = TrainConfig(**{**base.__dict__, **overrides, "seed": base.seed + i,
+                                           "out_dir": str(out / f"{slug}_s{i}")})
+    run_grid(list(grid.values()), parallel)
+    rows = []
+    for name in variants:
+        logs = [read_log(grid[name, i]) for i in range(seeds)]
+        tc = grid[name, 0]
+        row = {"variant": name, "seeds": seeds, "iters": tc.max_iters,
+               "tokens": tc.max_iters * tc.batch_size * tc.block_size * tc.grad_accum}
+        for key in ("val_ppl", "load_cv", "cluster_load_cv"):
+            values = [log[-1][key] for log in logs if key in log[-1]]
+            if values:
+                s = summarize(values)
+                row[key], row[key + "_std"], row[key + "_seeds"] = s["mean"], s["std"], values
+        row["experts_moved"] = sum(r.get("experts_moved", 0) for log in logs for r in log) / seeds
+        row["val_loss_curve"] = [[r["iter"], r["val_loss"]] for r in logs[0]]
+        rows.append(row)
+    return rows

@@ -1,0 +1,41 @@
+"""bench_quality.py: the seed grid (parallel subprocesses, finished runs skipped) and the noise test."""
+import statistics
+
+import pytest
+
+from bench_quality import beyond_noise, finished, read_log, run_grid, summarize
+from train import TrainConfig
+
+TINY = dict(n_layer=1, n_head=2, n_embd=16, ffn_hidden=16, n_experts=4, n_clusters=2, rank=2,
+            block_size=16, batch_size=2, eval_iters=1, eval_interval=2, max_iters=2, device="cpu",
+            moe="topk")
+
+
+def test_summarize_and_noise_rule():
+    s = summarize([1.0, 2.0, 3.0])
+    assert s == {"mean": 2.0, "std": statistics.stdev([1.0, 2.0, 3.0]), "n": 3}
+    assert summarize([5.0])["std"] == 0.0
+    # se of the difference = sqrt(1/3 + 1/3) = 0.816; a gap of 1 is within 2 se, of 2 beyond it
+    assert not beyond_noise([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])
+    assert beyond_noise([1.0, 2.0, 3.0], [3.0, 4.0, 5.0])
+    assert beyond_noise([1.0], [1.1])  # no spread to compare against: every gap counts
+
+
+def test_grid_runs_in_parallel_processes_and_skips_finished(tmp_path):
+    runs = [TrainConfig(**TINY, seed=s, out_dir=str(tmp_path / f"run{s}"), data_dir=str(tmp_path / "data"))
+            for s in (0, 1)]
+    run_grid(runs, parallel=2)
+    assert all(finished(tc) for tc in runs)
+    first = [read_log(tc) for tc in runs]
+    assert first[0][-1]["val_loss"] != first[1][-1]["val_loss"]       # two seeds, two runs
+    stamp = (tmp_path / "run0" / "log.jsonl").stat().st_mtime_ns
+    run_grid(runs, parallel=2)                                         # nothing left to do
+    assert (tmp_path / "run0" / "log.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_failed_run_is_an_error_quoting_its_output(tmp_path):
+    bad = TrainConfig(**{**TINY, "device": "cuda:7"}, out_dir=str(tmp_path / "bad"),
+                      data_dir=str(tmp_path / "data"))
+    other = TrainConfig(**TINY, out_dir=str(tmp_path / "ok"), data_dir=str(tmp_path / "data"))
+    with pytest.raises(RuntimeError, match="failed"):
+        run_grid([bad, other], parallel=2)
