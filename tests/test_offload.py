@@ -1,4 +1,5 @@
-"""offload.py: same output as without offload, LRU under a byte budget, counters, CUDA path."""
+"""offload.py: same output as without offload, LRU under a byte budget, exact counters and
+next-layer predictions on scripted routing, CUDA path with copy timing."""
 import pytest
 import torch
 
@@ -80,6 +81,58 @@ def test_int4_entry_bytes_match_the_storage_formula():
     assert ClusterOffloader(quantized, 0, "cpu").entry_bytes((0, 0)) == expected
 
 
+def _scripted(actual=(1, 2, 3), guessed=(None, 2, 0)):
+    """A clustered model whose routing is known: every MoE input is the constant e_l (ln2
+    weight 0, bias e_l), layer l's cluster router scores cluster actual[l] with e_l, and
+    layer l+1's router scores guessed[l+1] with e_l, so the predictor guesses it."""
+    _, model = _pair(quantized=True)
+    with torch.no_grad():
+        for l, (block, layer) in enumerate(zip(model.blocks, model.moe_layers())):
+            block.ln2.weight.zero_()
+            block.ln2.bias.zero_()[l] = 1.0
+            layer.cluster_router.zero_()[actual[l], l] = 1.0
+            if guessed[l] is not None:
+                layer.cluster_router[guessed[l], l - 1] = 1.0
+    return model
+
+
+@pytest.mark.parametrize("entries, hits, misses, prefetches, evictions", [
+    (12, 7, 2, 2, 0),    # all fit: the first step misses layers 0 and 2; the guess for 1 is right
+    (2, 3, 6, 6, 10),    # per step: miss 0, right guess for 1 (a hit), wrong guess for 2 (a miss)
+    (1, 0, 9, 0, 8),     # no room for a guess next to the cluster in use: every lookup misses
+])
+def test_predictor_and_counters_are_exact_on_scripted_routing(entries, hits, misses, prefetches,
+                                                              evictions):
+    model = _scripted()
+    cache = ClusterOffloader(model, 0, "cpu")
+    entry = cache.entry_bytes((0, 0))
+    cache.budget = entries * entry
+    prompt = torch.tensor([[3, 5]])
+    model.generate(prompt, 3, temperature=0)   # forwards of 2, 1 and 1 tokens
+    stats = cache.stats
+    assert (stats["hits"], stats["misses"]) == (hits, misses)
+    assert (stats["prefetches"], stats["evictions"]) == (prefetches, evictions)
+    assert stats["bytes_moved"] == (misses + prefetches) * entry
+    # Layer 1's guess (cluster 2) is always right, layer 2's (cluster 0, actual 3) never.
+    assert stats["layer_predictions"] == [0, 4, 4] and stats["layer_correct"] == [0, 4, 0]
+    assert (stats["predictions"], stats["correct"]) == (8, 4)
+    assert cache.prediction_accuracy() == (0.5, [None, 1.0, 0.0])
+    assert cache.timing() == {"copy_ms": None, "stall_ms": None, "hidden_fraction": None}
+
+
+def test_no_prediction_without_prefetch_and_reset_stats():
+    model = _scripted()
+    cache = ClusterOffloader(model, 10**9, "cpu", prefetch=False)
+    with torch.no_grad():
+        model(torch.tensor([[3, 5]]))
+    assert cache.stats["predictions"] == 0 and cache.stats["prefetches"] == 0
+    resident = cache.stats["resident_bytes"]
+    cache.reset_stats()
+    assert cache.stats["misses"] == 0 and cache.stats["resident_bytes"] == resident > 0
+    cache.evict_all()
+    assert not cache.resident and cache.stats["resident_bytes"] == 0
+
+
 def test_needs_clustered_layers():
     with pytest.raises(ValueError, match="clustered"):
         ClusterOffloader(GPT(GPTConfig(**{**CFG, "moe": "topk"})), 1, "cpu")
@@ -96,3 +149,6 @@ def test_cuda_offload_matches_resident_and_frees_gpu_memory():
         a, b = offloaded(idx, idx)[1], plain(idx, idx)[1]
     torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
     assert cache.stats["bytes_moved"] > 0
+    timing = cache.timing()
+    assert timing["copy_ms"] > 0 and 0 <= timing["hidden_fraction"] <= 1
+    assert timing["stall_ms"] >= 0
