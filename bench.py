@@ -7,6 +7,8 @@ Owns: BenchConfig, the table of sections (name -> function; `--sections=a,b` pic
   models     whole models: parameters, train and inference tokens/s, peak memory in training
   inference  dense, top-k, clustered, clustered+INT4, clustered+INT4+offload: inference
              tokens/s and peak memory, at the default size and a larger one
+  decode     generation (KV cache) with INT4 and offload budgets (bench_decode.py)
+  baseline   is the top-k baseline sound? one change at a time against it (GRIDS)
   quality    `seeds` real trainings of each model on the same data (bench_quality.py), then
              val perplexity and load CV as mean +- std, heatmaps, the all-to-all volume that
              expert parallelism would move, INT4 and offload perplexity
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 import data
+import bench_decode
 from bench_layers import bench_layers, profile_layers, timed
 from bench_quality import beyond_noise, read_log, routing_stats, run_grid, run_variants, summarize
 from cluster import recluster_model
@@ -69,6 +72,7 @@ class BenchConfig:
     seeds: int = 3                 # trainings per model; quality is reported as mean +- std
     parallel: int = 1              # train.py processes at once on the one device (see bench_quality)
     routing_batches: int = 8       # val batches for load statistics and all-to-all volume
+    decode_ckpt: str = ""          # a train.py checkpoint: decode prediction accuracy on real text
 
     def shrink(self):
         """--smoke: tiny sizes so the whole bench runs in seconds on CPU."""
@@ -239,15 +243,31 @@ GRIDS = {
         "dense long": {"moe": "dense", "max_iters_scale": 2.44},
         "topk long": {"moe": "topk", "max_iters_scale": 2.44},
     },
+    # The paper's ablations (its Table: dynamic vs static clustering, no online clustering, no
+    # low-rank compression, no hierarchical routing) next to the two baselines.
+    "ablation": {
+        "full method": {"moe": "clustered"},
+        "static clustering": {"moe": "clustered", "cluster_mode": "static"},
+        "random groups": {"moe": "clustered", "cluster_mode": "random"},
+        "no compression": {"moe": "clustered", "compress": False},
+        "no hierarchical routing": {"moe": "clustered", "hierarchical": False},
+        "top-k": {"moe": "topk"}, "dense": {"moe": "dense"},
+    },
+    # Is it the one-cluster restriction or the learned cluster prototypes that costs quality?
+    "routing": {
+        "full method, cluster scores from experts": {"moe": "clustered", "cluster_scores": "experts"},
+        "no compression, cluster scores from experts": {"moe": "clustered", "compress": False,
+                                                        "cluster_scores": "experts"},
+    },
 }
 
 
 def bench_grid(name: str):
-    """A section that trains GRIDS[name] on the quality data (dropout, schedule as train.py)."""
+    """A section that trains GRIDS[name] on the quality data (schedule: train.py's defaults)."""
     def run(cfg: BenchConfig, device, out: Path) -> list[dict]:
         base = _model_config(cfg, "topk")
         base.eval_interval, base.warmup_iters, base.recluster_interval = (
-            max(1, cfg.train_iters // 5), 200, 200) if not cfg.smoke else (2, 2, 1)
+            (max(1, cfg.train_iters // 5), 200, 100) if not cfg.smoke else (2, 2, 1))
         base.device, base.compile = str(device), device.type == "cuda"
         variants = {}
         for variant, overrides in GRIDS[name].items():
@@ -385,6 +405,13 @@ SECTIONS["baseline"] = (bench_grid("baseline"),
                         lambda cfg, env: f"Top-k baseline study on {cfg.dataset}, {cfg.seeds} seeds "
                                          f"({env['device']}):",
                         ["variant", "tokens", "val_ppl", "val_ppl_std", "load_cv"])
+SECTIONS["decode"] = (bench_decode.bench_decode, bench_decode.title, bench_decode.COLUMNS)
+SECTIONS["ablation"] = (bench_grid("ablation"),
+                        lambda cfg, env: f"Ablations on {cfg.dataset}, {cfg.train_iters} iterations, "
+                                         f"{cfg.seeds} seeds, mean (std) ({env['device']}):",
+                        ["variant", "val_ppl", "val_ppl_std", "load_cv", "cluster_load_cv",
+                         "experts_moved", "shock", "train_tokens_per_sec"])
+SECTIONS["routing"] = (bench_grid("routing"), SECTIONS["ablation"][1], SECTIONS["ablation"][2])
 TABLE_ROWS = {"quality": _quality_rows}
 
 

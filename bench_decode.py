@@ -195,7 +195,9 @@ def _checkpoint_rows(path: str, cfg, device, dtype) -> list[dict]:
         model(windows)
     rows = [{"size": "checkpoint", "model": f"{name}: val prefill", **_cache_columns(cache, windows.numel())}]
     cache.reset_stats()
+    # Within the window: past block_size every step would re-prefill it (model.generate).
     prompt = windows[:1, :min(prompt_len, block // 2)]
+    new = min(new, block - prompt.shape[1])
     with autocast:
         row = _decode(model, prompt, new, device, repeats, cache=cache)
     rows.append({"size": "checkpoint", "model": f"{name}: decode", **row})

@@ -31,6 +31,10 @@ def read_log(tc: TrainConfig) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
 def finished(tc: TrainConfig) -> bool:
     log = read_log(tc)
     return bool(log) and log[-1]["iter"] >= tc.max_iters
@@ -160,6 +164,15 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
                 s = summarize(values)
                 row[key], row[key + "_std"], row[key + "_seeds"] = s["mean"], s["std"], values
         row["experts_moved"] = sum(r.get("experts_moved", 0) for log in logs for r in log) / seeds
+        events = [json.loads(line) for i in range(seeds)
+                  for line in _lines(Path(grid[name, i].out_dir) / "reclusters.jsonl")]
+        shocks = [e["shock"] for e in events if e.get("shock") is not None]
+        row["reclusters"] = len(events) / seeds
+        row["shock"] = statistics.fmean(shocks) if shocks else None          # nats, mean over events
+        row["shock_max"] = max(shocks, key=abs) if shocks else None
+        speeds = [statistics.median([r["tokens_per_sec"] for r in log[1:]] or [log[-1]["tokens_per_sec"]])
+                  for log in logs]
+        row["train_tokens_per_sec"] = statistics.fmean(speeds) if parallel <= 1 else None
         row["val_loss_curve"] = [[r["iter"], r["val_loss"]] for r in logs[0]]
         rows.append(row)
     return rows

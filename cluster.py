@@ -90,15 +90,21 @@ def probe_scores(probe: torch.Tensor, router_weight: torch.Tensor) -> torch.Tens
     return (probs - probs.mean(0)).t()
 
 
+def parse_similarity(similarity: str) -> tuple[str, str]:
+    """'PARAM+ACT' -> (PARAM, ACT); a ValueError naming the valid views otherwise."""
+    param, _, act = similarity.partition("+")
+    if param not in PARAM_VIEWS or act not in ACT_VIEWS:
+        raise ValueError(f"similarity must be PARAM+ACT with PARAM in {PARAM_VIEWS} and ACT in "
+                         f"{ACT_VIEWS}, got {similarity!r}")
+    return param, act
+
+
 def fused_similarity(w1, w2, input_mean, router_weight, probe=None, groups=None,
                      alpha: float = 0.7, similarity: str = DEFAULT_SIMILARITY) -> torch.Tensor:
     """Expert weights (E,d,h), (E,h,d), input means (E,d), router rows (E,d), probe (n,d) or
     None, clusters (E,) or None -> (E, E). With no probe rows, outputs falls back to weights
     and scores to routed (a layer that has not been trained yet)."""
-    param, _, act = similarity.partition("+")
-    if param not in PARAM_VIEWS or act not in ACT_VIEWS:
-        raise ValueError(f"similarity must be PARAM+ACT with PARAM in {PARAM_VIEWS} and ACT in "
-                         f"{ACT_VIEWS}, got {similarity!r}")
+    param, act = parse_similarity(similarity)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if probe is None or probe.shape[0] == 0:
@@ -125,27 +131,31 @@ def within_similarity(similarity: torch.Tensor, assignment: torch.Tensor) -> flo
 def _balanced_assign(affinity: torch.Tensor, size: int) -> torch.Tensor:
     """Greedy: take (expert, cluster) pairs by falling affinity while the cluster has room."""
     n_experts, n_clusters = affinity.shape
-    assignment = torch.full((n_experts,), -1, dtype=torch.long)
-    room = [size] * n_clusters
+    assignment, room, left = [-1] * n_experts, [size] * n_clusters, n_experts
     for flat in affinity.flatten().argsort(descending=True, stable=True).tolist():
         expert, cluster = divmod(flat, n_clusters)
         if assignment[expert] < 0 and room[cluster] > 0:
             assignment[expert] = cluster
             room[cluster] -= 1
-    return assignment
+            left -= 1
+            if not left:
+                break
+    return torch.tensor(assignment)
 
 
 def _kmeanspp_seeds(similarity: torch.Tensor, n_clusters: int, generator) -> list[int]:
     """k-means++ on the distance 1 - s: each next seed drawn with probability ~ distance^2."""
     n_experts = similarity.shape[0]
     seeds = [int(torch.randint(n_experts, (1,), generator=generator))]
+    nearest = similarity[:, seeds[0]]                                     # (E,) to the nearest seed
     while len(seeds) < n_clusters:
-        dist = (1 - similarity[:, seeds].max(1).values).clamp(min=0).square()
+        dist = (1 - nearest).clamp(min=0).square()
         dist[seeds] = 0
         if dist.sum() <= 0:  # all remaining experts identical to a seed: pick uniformly
             dist = torch.ones(n_experts)
             dist[seeds] = 0
         seeds.append(int(torch.multinomial(dist, 1, generator=generator)))
+        nearest = torch.maximum(nearest, similarity[:, seeds[-1]])
     return seeds
 
 
@@ -207,7 +217,7 @@ def align_gauge(u: torch.Tensor, v: torch.Tensor, u_ref: torch.Tensor, v_ref: to
 
 @torch.no_grad()
 def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAULT_SIMILARITY,
-              min_gain: float = 0.01, restarts: int = 8) -> dict:
+              min_gain: float = 0.01, restarts: int = 8, random_groups: bool = False) -> dict:
     """Regroup one model.MoE layer and re-factorize it into a shared base + rank-r residuals.
 
     Materializes W = B + UV (or takes the dense experts on the first call) and clusters by
@@ -219,6 +229,7 @@ def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAUL
     (align_gauge), so their optimizer state stays meaningful. Per-expert quantities (router
     rows, input means, ids) follow their expert into the new cluster-major slot order.
 
+    random_groups: the first call draws equal groups at random (seeded) instead.
     Returns {'moved': experts that changed cluster, 'gain': the within-cluster similarity
     gain of the proposed groups, 'skipped': True when it was below min_gain,
     'reset': parameters created by this call (no state to carry: the first clustering's bank
@@ -229,12 +240,14 @@ def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAUL
     cfg = layer.cfg
     n_clusters, m, n_experts = cfg.n_clusters, cfg.n_experts // cfg.n_clusters, cfg.n_experts
     current = torch.arange(n_experts) // m                          # slots are cluster-major
-    first = not layer.clustered
+    first = not layer.has_clusters
     w1, w2 = (w.detach() for w in layer.bank.weights())
     probe = layer.probe[:min(int(layer.probe_seen), layer.probe.shape[0])]
     sim = fused_similarity(w1, w2, layer.input_mean, layer.router.weight, probe,
                            None if first else current, alpha, similarity).cpu()
     assignment = balanced_kmeans(sim, n_clusters, None if first else current, seed, restarts=restarts)
+    if random_groups and first:  # the 'no online clustering' ablation: equal groups by chance
+        assignment = torch.randperm(n_experts, generator=torch.Generator().manual_seed(seed)) % n_clusters
     gain = within_similarity(sim, assignment) - within_similarity(sim, current)
     skipped = not first and gain < min_gain
     if skipped:
@@ -245,7 +258,50 @@ def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAUL
     source = torch.where((old_of == old_of[:, :1]).all(1), old_of[:, 0], -1)
     if first:
         source.fill_(-1)
+    if cfg.compress:
+        factors = _refactor(layer, w1, w2, assignment, current, order, source, first)
+    old_cluster_rows = None if first else layer.cluster_router.detach().clone()
+    if first:
+        layer.make_clustered()
+    permuted = not torch.equal(order, torch.arange(n_experts))
+    order_dev = order.to(layer.router.weight.device)
+    per_expert = [layer.router.weight, layer.input_mean, layer.expert_ids, layer.expert_counts]
+    if cfg.compress:
+        layer.bank.load_factors(*factors)
+    else:  # the 'no compression' ablation: full experts, only their slots change
+        per_expert += list(layer.bank.parameters())
+    if permuted:
+        for tensor in per_expert:
+            tensor.copy_(tensor[order_dev])
+    rows = layer.router.weight.view(n_clusters, m, -1).mean(1)      # (G, d) member means
+    if not first:
+        keep = source >= 0
+        rows[keep.to(rows.device)] = old_cluster_rows[source[keep].to(rows.device)]
+    layer.cluster_router.copy_(rows)
+    layer.n_reclusters += 1
 
+    carry = {}
+    if permuted:  # rows that belong to one expert follow it, and so do their state rows
+        for param in [layer.router.weight] + ([] if cfg.compress else list(layer.bank.parameters())):
+            carry[param] = (order, None)
+    reset = [layer.cluster_router] if first else []
+    if first and cfg.compress:
+        reset += list(layer.bank.parameters())
+    if not first and not bool((source == torch.arange(n_clusters)).all()):
+        index, keep = torch.where(source >= 0, source, torch.arange(n_clusters)), source >= 0
+        for param in ([layer.cluster_router] +
+                      (list(layer.bank.parameters()) if cfg.compress else [])):
+            carry[param] = (index, keep)
+    moved = 0 if first else int((current[order] != assignment[order]).sum())
+    return {"moved": moved, "gain": gain, "skipped": skipped, "reset": reset, "carry": carry}
+
+
+def _refactor(layer, w1, w2, assignment, current, order, source, first):
+    """New shared bases and residuals, cluster-major (compress.factorize's outputs): an SVD
+    of the materialized experts where groups changed, else compress.refactorize in factored
+    form; clusters whose members stayed keep their factors' basis (align_gauge)."""
+    cfg = layer.cfg
+    n_clusters, m = cfg.n_clusters, cfg.n_experts // cfg.n_clusters
     if first or not torch.equal(assignment, current):
         _, base1, u1, v1 = factorize(w1, assignment.to(w1.device), n_clusters, cfg.rank)
         _, base2, u2, v2 = factorize(w2, assignment.to(w2.device), n_clusters, cfg.rank)
@@ -256,52 +312,22 @@ def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAUL
         base2, u2, v2 = refactorize(bank.base2, u2, v2, cfg.rank)
     if not first and bool((source >= 0).any()):
         kept = (source >= 0).repeat_interleave(m).to(w1.device)      # (E,) slots of kept clusters
-        old_slot = order.to(w1.device)
-        new, old = [u1, v1, u2, v2], [f[old_slot] for f in layer.bank.factors()]
+        new, old = [u1, v1, u2, v2], [f[order.to(w1.device)] for f in layer.bank.factors()]
         for i in (0, 2):
             u_al, v_al = align_gauge(new[i][kept], new[i + 1][kept], old[i][kept], old[i + 1][kept])
             new[i][kept], new[i + 1][kept] = u_al, v_al
         u1, v1, u2, v2 = new
-
-    old_cluster_rows = None if first else layer.cluster_router.detach().clone()
-    if first:
-        layer.make_clustered()
-    layer.bank.load_factors(base1, u1, v1, base2, u2, v2)
-    permuted = not torch.equal(order, torch.arange(n_experts))
-    if permuted:
-        order_dev = order.to(layer.router.weight.device)
-        for tensor in (layer.router.weight, layer.input_mean, layer.expert_ids, layer.expert_counts):
-            tensor.copy_(tensor[order_dev])
-    rows = layer.router.weight.view(n_clusters, m, -1).mean(1)      # (G, d) member means
-    if not first:
-        keep = source >= 0
-        rows[keep.to(rows.device)] = old_cluster_rows[source[keep].to(rows.device)]
-    layer.cluster_router.copy_(rows)
-    layer.n_reclusters += 1
-
-    carry = {}
-    if permuted:  # router rows follow their expert; their state rows exactly so
-        carry[layer.router.weight] = (order, None)
-    if first:
-        reset = list(layer.bank.parameters()) + [layer.cluster_router]
-    else:
-        reset = []
-        if not bool((source == torch.arange(n_clusters)).all()):
-            index = torch.where(source >= 0, source, torch.arange(n_clusters))
-            for param in list(layer.bank.parameters()) + [layer.cluster_router]:
-                carry[param] = (index, source >= 0)
-    moved = 0 if first else int((current[order] != assignment[order]).sum())
-    return {"moved": moved, "gain": gain, "skipped": skipped, "reset": reset, "carry": carry}
+    return base1, u1, v1, base2, u2, v2
 
 
 def recluster_model(model: nn.Module, alpha: float = 0.7, seed: int = 0,
                     similarity: str = DEFAULT_SIMILARITY, min_gain: float = 0.01,
-                    restarts: int = 8) -> dict:
+                    restarts: int = 8, random_groups: bool = False) -> dict:
     """recluster every MoE layer of a GPT -> {'moved': total, 'gain': [per layer],
     'skipped': [per layer], 'reset': [...], 'carry': {...}} (see recluster)."""
     total = {"moved": 0, "gain": [], "skipped": [], "reset": [], "carry": {}}
     for i, layer in enumerate(model.moe_layers()):
-        result = recluster(layer, alpha, seed + i, similarity, min_gain, restarts)
+        result = recluster(layer, alpha, seed + i, similarity, min_gain, restarts, random_groups)
         total["moved"] += result["moved"]
         total["gain"].append(result["gain"])
         total["skipped"].append(result["skipped"])
@@ -314,8 +340,9 @@ def carry_rows(state: dict, index: torch.Tensor | None, keep: torch.Tensor | Non
     """One parameter's optimizer state (e.g. AdamW's step, exp_avg, exp_avg_sq) -> the state
     for the regrouped parameter: tensors shaped like it take rows `index` along dim 0, rows
     where `keep` is False become zero; scalars (the step count) stay. Zeroed moments under an
-    advanced step count are safe with AdamW: the first updates of those rows are smaller than
-    a fresh optimizer's (m / sqrt(v) grows from 1 - beta1 over sqrt(1 - beta2)), not larger."""
+    advanced step count (no bias correction left) make a row's update m / sqrt(v) start at
+    (1 - beta1) / sqrt(1 - beta2) of a fresh optimizer's: 0.45x with train.py's betas
+    (0.9, 0.95), at most 1.1x later, a gentle restart (with beta2 = 0.999 it would be 3.2x)."""
     if index is None and keep is None:
         return state
     out = {}

@@ -1,9 +1,10 @@
-"""The network: GPTConfig, causal attention, dense MLP, the MoE layer, and GPT.
+"""The network: GPTConfig, init_weights, causal attention with a KV cache, dense MLP, the MoE
+layer, and GPT (forward, parameter and FLOP accounting, cached generation).
 
-Owns: the forward pass, parameter accounting, and the MoE layer's state (router weights,
-expert bank, and running statistics as buffers, so a checkpoint captures everything).
+Owns: the forward pass and the MoE layer's state (router weights, expert bank, and running
+statistics as buffers, so a checkpoint captures everything).
 Does not own: routing math (router.py), expert compute (experts.py), regrouping experts
-(cluster.py), training (train.py).
+(cluster.py), training (train.py). Shapes: B batch, T time, C = n_embd (experts.py's d).
 
 `moe` picks the feed-forward: 'dense' (one MLP, width top_k * ffn_hidden, so it computes the
 same FFN FLOPs per token as top-k MoE), 'topk' (E experts, top-k), or 'clustered' (trains as
@@ -46,6 +47,8 @@ class GPTConfig:
     # The paper's ablations (moe=clustered): False drops one part of the method.
     compress: bool = True         # shared base + rank-r residuals; False: full separate experts
     hierarchical: bool = True     # token -> cluster -> experts; False: flat top-k over all E
+    cluster_scores: str = "prototype"  # stage-1 logits: prototype (a learned row per cluster,
+                                  # the paper's) | experts (logsumexp of the members' logits)
     stats_rate: float = 0.05      # EMA rate of each expert's mean routed input (paper: 0.05)
     probe_tokens: int = 256       # recent layer inputs kept for cluster.py's similarity
 
@@ -61,6 +64,7 @@ class GPTConfig:
              "n_layer, n_head, n_embd, block_size, ffn_hidden must be positive"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (self.top_k >= 1, "top_k must be >= 1"),
+            (self.cluster_scores in ("prototype", "experts"), "cluster_scores must be prototype|experts"),
             (self.capacity_factor >= 0, "capacity_factor must be >= 0 (0 = dropless)"),
         ]
         if self.moe != "dense":
@@ -164,10 +168,10 @@ class MoE(nn.Module):
         self.register_buffer("expert_ids", torch.arange(n_experts))  # original id in each slot
         self.register_buffer("n_reclusters", torch.zeros((), dtype=torch.long))
         # The paper's EMA of activation centroids, mu <- (1 - rate) mu + rate * mean(x), rate 0.05.
-        self.stats_rate = getattr(cfg, "stats_rate", 0.05)
+        self.stats_rate = cfg.stats_rate
         # A probe batch of recent layer inputs (any cluster's tokens), so cluster.py can compare
         # every expert on the same tokens; a ring buffer, probe_seen = rows written so far.
-        self.register_buffer("probe", torch.zeros(getattr(cfg, "probe_tokens", 256), d))
+        self.register_buffer("probe", torch.zeros(cfg.probe_tokens, d))
         self.register_buffer("probe_seen", torch.zeros((), dtype=torch.long))
         self._resolve_impl()
 
@@ -202,11 +206,19 @@ class MoE(nn.Module):
         self.cluster_router = nn.Parameter(torch.zeros(cfg.n_clusters, cfg.n_embd, device=device))
         self._resolve_impl()
 
+    def cluster_logits(self, x, expert_logits=None):
+        """Stage-1 scores (N, G). 'experts': log of each cluster's share of the flat softmax over
+        all E experts, so the chosen cluster is the one the flat router likes most in total."""
+        if self.cfg.cluster_scores == "experts":
+            logits = self.router(x) if expert_logits is None else expert_logits
+            return logits.view(x.shape[0], self.cfg.n_clusters, -1).logsumexp(-1)
+        return F.linear(x, self.cluster_router.to(x.dtype))
+
     def route(self, x):
         cfg = self.cfg
         logits = self.router(x)                                           # (N, E)
         if self.has_clusters and cfg.hierarchical:
-            return hierarchical_route(F.linear(x, self.cluster_router), logits, cfg.top_k,
+            return hierarchical_route(self.cluster_logits(x, logits), logits, cfg.top_k,
                                       cfg.aux_loss_coef, cfg.z_loss_coef)
         return topk_route(logits, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef)
 
@@ -240,6 +252,8 @@ class MoE(nn.Module):
         self.expert_counts.copy_(routing.expert_counts)
         if routing.cluster_counts is not None:
             self.cluster_counts.copy_(routing.cluster_counts)
+        elif self.has_clusters:  # flat routing over clustered experts: slots per cluster
+            self.cluster_counts.copy_(routing.expert_counts.view(self.cfg.n_clusters, -1).sum(1))
         if self.training:
             # Mean input routed to each expert, as one small matmul (no scatter), then an EMA;
             # experts that got no token this step keep their old mean.
@@ -348,6 +362,9 @@ class GPT(nn.Module):
         before load_state_dict."""
         for i, block in enumerate(self.blocks):
             prefix = f"blocks.{i}.ffn."
+            if isinstance(block.ffn, MoE):  # checkpoints older than the probe buffers
+                for name in ("probe", "probe_seen"):
+                    state_dict.setdefault(prefix + name, torch.zeros_like(getattr(block.ffn, name)))
             if isinstance(block.ffn, MoE) and prefix + "cluster_router" in state_dict:
                 if not block.ffn.has_clusters:
                     block.ffn.make_clustered()

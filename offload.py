@@ -40,7 +40,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from quant import Int4Tensor
 from router import Routing, count
@@ -239,7 +238,7 @@ class ClusterOffloader:
         predicting = self.prefetch_enabled and index + 1 < len(self.layers)
         if predicting:
             following = self.layers[index + 1]
-            guess = F.linear(x, following.cluster_router.to(x.dtype)).argmax(-1)  # (N,)
+            guess = following.cluster_logits(x).argmax(-1)  # (N,)
             self.predicted[index + 1] = guess
             parts.append(count(guess, following.bank.n_clusters))
         host = torch.cat(parts).tolist()

@@ -12,7 +12,6 @@ cluster e // m with m = E / G experts per cluster (cluster.py keeps the bank in 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from cluster import recluster_model
+from cluster import carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
 from router import load_cv
 
@@ -35,6 +35,9 @@ PRESETS = {
     "paper": dict(n_layer=12, n_head=12, n_embd=768, n_experts=32, n_clusters=8, rank=16,
                   top_k=2, ffn_hidden=1536),
 }
+
+
+CLUSTER_MODES = ("dynamic", "static", "random")
 
 
 @dataclass
@@ -55,10 +58,15 @@ class TrainConfig(GPTConfig):
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     dtype: str = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
-    # clustering schedule (moe=clustered)
-    warmup_iters: int = 200        # train as top-k MoE this long, then cluster + compress
-    recluster_interval: int = 200
-    alpha: float = 0.5             # weight of parameter vs activation similarity
+    # clustering schedule (moe=clustered); the paper's settings
+    warmup_iters: int = 200        # train as top-k MoE this long (burn-in), then cluster + compress
+    recluster_interval: int = 100
+    cluster_mode: str = "dynamic"  # dynamic (recluster every interval) | static (cluster once at
+                                   # warmup_iters) | random (equal random groups, never regrouped)
+    alpha: float = 0.7             # weight of parameter vs activation similarity
+    similarity: str = "specific+scores"  # PARAM+ACT views, see cluster.py
+    min_gain: float = 0.01         # keep the groups unless regrouping gains this much similarity
+    kmeans_restarts: int = 8
     # optimization
     batch_size: int = 32
     grad_accum: int = 1
@@ -89,11 +97,14 @@ class TrainConfig(GPTConfig):
             (self.warmup_iters >= 0 and self.recluster_interval >= 1,
              "warmup_iters must be >= 0 and recluster_interval >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto|float32|bfloat16"),
+            (self.cluster_mode in CLUSTER_MODES, f"cluster_mode must be one of {CLUSTER_MODES}"),
+            (self.kmeans_restarts >= 0, "kmeans_restarts must be >= 0"),
         ]
         for ok, message in rules:
             if not ok:
                 raise ValueError(f"bad train config: {message}")
         data.check_dataset(self.dataset, self.val_split)
+        parse_similarity(self.similarity)
         if self.resume and not (Path(self.out_dir) / "ckpt.pt").exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {Path(self.out_dir) / 'ckpt.pt'}")
         return self
@@ -109,7 +120,7 @@ def parse_config(cls, argv: list[str], presets: dict | None = None):
     values = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(f"usage: --field=value, fields and defaults:\n" + "\n".join(
+            print("usage: --field=value, fields and defaults:\n" + "\n".join(
                 f"  --{f.name}={f.default}" for f in fields(cls)))
             sys.exit(0)
         key, eq, raw = arg.removeprefix("--").partition("=")
@@ -183,8 +194,11 @@ def lr_at(it: int, cfg: TrainConfig) -> float:
 
 
 def recluster_due(it: int, cfg: TrainConfig) -> bool:
-    return cfg.moe == "clustered" and it >= cfg.warmup_iters and \
-        (it - cfg.warmup_iters) % cfg.recluster_interval == 0
+    if cfg.moe != "clustered" or it < cfg.warmup_iters:
+        return False
+    if cfg.cluster_mode != "dynamic":
+        return it == cfg.warmup_iters
+    return (it - cfg.warmup_iters) % cfg.recluster_interval == 0
 
 
 def save_atomic(obj, path: Path):
@@ -236,6 +250,7 @@ class Interval:
     steps: int = 0
     moved: int = 0                         # experts that changed cluster at reclusters
     recluster_s: float = 0.0               # seconds spent reclustering (inside the timing)
+    paused_s: float = 0.0                  # measurement inside the interval (left out of the timing)
     t0: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -257,7 +272,8 @@ class Interval:
     def reset(self):
         self.reset_loads()
         self.loss_sum.zero_()
-        self.steps, self.moved, self.recluster_s, self.t0 = 0, 0, 0.0, time.perf_counter()
+        self.steps, self.moved, self.recluster_s, self.paused_s = 0, 0, 0.0, 0.0
+        self.t0 = time.perf_counter()
 
 
 def setup_distributed(cfg: TrainConfig):
@@ -280,23 +296,40 @@ def load_data(cfg: TrainConfig, master: bool, ddp: bool):
     return data.load_split(folder, "train"), data.load_split(folder, "val"), data.read_meta(folder)
 
 
-def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, out_dir: Path) -> dict:
+def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, out_dir: Path,
+                    shock_eval=None) -> dict:
     """Regroup and re-factorize every MoE layer (all ranks, from rank 0's statistics, so
-    every replica regroups identically); rank 0 appends the membership to reclusters.jsonl."""
+    every replica regroups identically). Rank 0 appends one line to reclusters.jsonl: experts
+    moved, per-layer similarity gain and whether the regrouping was skipped, seconds, the
+    membership, and the validation loss just before and after (`shock_eval`, the recluster
+    shock; its time is reported apart)."""
     layers = model.moe_layers()
     if ddp:
         for layer in layers:
             for buf in layer.buffers():
                 dist.broadcast(buf, 0)
-    result = recluster_model(model, cfg.alpha, seed=cfg.seed + it)
-    if master:  # membership[layer][expert] = cluster of each original expert
-        m = cfg.n_experts // cfg.n_clusters
+    measure = shock_eval is not None and master and layers[0].has_clusters
+    t_shock = time.perf_counter()
+    before = shock_eval() if measure else None
+    t0 = time.perf_counter()
+    result = recluster_model(model, cfg.alpha, seed=cfg.seed + it, similarity=cfg.similarity,
+                             min_gain=cfg.min_gain, restarts=cfg.kmeans_restarts,
+                             random_groups=cfg.cluster_mode == "random")
+    t1 = time.perf_counter()
+    after = shock_eval() if measure else None
+    result["seconds"], result["shock_s"] = t1 - t0, (t0 - t_shock) + (time.perf_counter() - t1)
+    if master:
+        m = cfg.n_experts // cfg.n_clusters  # membership[layer][expert] = cluster of each original expert
         membership = [[0] * cfg.n_experts for _ in layers]
         for row, layer in zip(membership, layers):
             for slot, expert in enumerate(layer.expert_ids.tolist()):
                 row[expert] = slot // m
         with open(out_dir / "reclusters.jsonl", "a") as f:
-            f.write(json.dumps({"iter": it, "moved": result["moved"], "membership": membership}) + "\n")
+            f.write(json.dumps({"iter": it, "moved": result["moved"], "gain": result["gain"],
+                                "skipped": result["skipped"], "seconds": result["seconds"],
+                                "val_loss_before": before, "val_loss_after": after,
+                                "shock": None if before is None else after - before,
+                                "membership": membership}) + "\n")
     return result
 
 
@@ -306,7 +339,7 @@ def close_interval(model, cfg: TrainConfig, it: int, lr: float, train_loss: floa
     CV, parameter counts). Timing stops before the evaluation."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - interval.t0
+    elapsed = time.perf_counter() - interval.t0 - interval.paused_s
     val_loss = evaluate(model, val_tokens, cfg, device, autocast)
     layers = model.moe_layers()
     tokens_per_sec = interval.steps * cfg.batch_size * cfg.block_size * cfg.grad_accum * world / elapsed
@@ -362,14 +395,20 @@ def train(cfg: TrainConfig) -> dict:
                disable=not master, dynamic_ncols=True)
     for it in bar:
         # Recluster event (all ranks): the parameter set changes, so optimizer and DDP follow.
+        # Optimizer state follows the experts (carry_optimizer_state); only the first
+        # clustering creates parameters, so only then are the optimizer and DDP rebuilt.
         if recluster_due(it, cfg):
             t_recluster = time.perf_counter()
-            result = recluster_event(model, cfg, it, ddp, master, out_dir)
-            optimizer = build_optimizer(model, cfg, optimizer, result["reset"])
-            runner = wrap()  # DDP must see the new parameter set
+            shock = lambda: evaluate(model, val_tokens, cfg, device, autocast)
+            result = recluster_event(model, cfg, it, ddp, master, out_dir, shock)
+            carry_optimizer_state(optimizer, result)
+            if result["reset"]:
+                optimizer = build_optimizer(model, cfg, optimizer, result["reset"])
+                runner = wrap()
             interval.moved += result["moved"]
             interval.reset_loads()
-            interval.recluster_s += time.perf_counter() - t_recluster
+            interval.recluster_s += time.perf_counter() - t_recluster - result["shock_s"]
+            interval.paused_s += result["shock_s"]  # a measurement, not training: untimed
 
         # One optimizer step (all ranks): grad_accum micro-batches, gradients synced on the last.
         lr = lr_at(it, cfg)

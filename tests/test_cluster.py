@@ -99,21 +99,18 @@ def test_unchanged_groups_refactorize_like_an_svd_of_the_materialized_experts():
     result = recluster(layer)
     assert result["moved"] == 0 and torch.equal(layer.expert_ids, ids)
     assert result["reset"] == [] and result["carry"] == {}          # every state survives
-    # brute force: centre and truncate the materialized experts with a full SVD
+    # brute force: centre and truncate the materialized experts with a full SVD; the factors
+    # come in the basis nearest the old ones, not the SVD's own (order, signs), so the
+    # optimizer state built on the old factors still fits
     u1, v1, u2, v2 = layer.bank.factors()
-    for w, base, u, v in ((w1, layer.bank.base1, u1, v1), (w2, layer.bank.base2, u2, v2)):
+    for i, (w, base, u, v) in enumerate(((w1, layer.bank.base1, u1, v1), (w2, layer.bank.base2, u2, v2))):
         _, ref_base, ref_u, ref_v = factorize(w, torch.arange(8) // 4, 2, rank=2)
         torch.testing.assert_close(base, ref_base, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(u @ v, ref_u @ ref_v, rtol=1e-4, atol=1e-5)
-    # ... in the basis nearest the old factors, not the SVD's own (order, signs), so the
-    # optimizer state built on the old factors still fits
-    _, _, svd_u1, svd_v1 = factorize(w1, torch.arange(8) // 4, 2, rank=2)
-    _, _, svd_u2, svd_v2 = factorize(w2, torch.arange(8) // 4, 2, rank=2)
-    for i, (u, v, svd_u, svd_v) in enumerate(((u1, v1, svd_u1, svd_v1), (u2, v2, svd_u2, svd_v2))):
         old_u, old_v = old[2 * i], old[2 * i + 1]
         change = lambda a, b: torch.cat([(a - old_u).flatten(), (b - old_v).flatten()]).norm()
         size = torch.cat([old_u.flatten(), old_v.flatten()]).norm()
-        assert change(u, v) <= change(svd_u, svd_v) + 1e-5 and change(u, v) < 0.25 * size
+        assert change(u, v) <= change(ref_u, ref_v) + 1e-5 and change(u, v) < 0.25 * size
 
 
 def test_align_gauge_keeps_the_product_and_recovers_a_rotation():
@@ -163,12 +160,12 @@ def test_probe_keeps_recent_inputs_in_a_ring_during_training_only():
 D, H, RANK = 16, 32, 2
 
 
-def _planted(n_families, seed=0):
+def _planted(n_families, seed=0, compress=True):
     gen = torch.Generator().manual_seed(seed)
     rn = lambda *shape: torch.randn(*shape, generator=gen)
     n_experts = 4 * n_families
     cfg = GPTConfig(moe="clustered", n_embd=D, ffn_hidden=H, n_experts=n_experts,
-                    n_clusters=n_families, rank=RANK, top_k=2)
+                    n_clusters=n_families, rank=RANK, top_k=2, compress=compress)
     torch.manual_seed(seed)
     layer = MoE(cfg)
     family = torch.arange(n_experts) % n_families
@@ -190,6 +187,13 @@ def _planted(n_families, seed=0):
         as rank r allows) now points at the other's family, and they trade router rows."""
         fam = family[layer.expert_ids]
         bank = layer.bank
+        with torch.no_grad():
+            rows = layer.router.weight
+            rows[[slot_a, slot_b]] = rows[[slot_b, slot_a]].clone()
+            if not compress:  # full experts: the whole expert is re-planted
+                for slot, target in ((slot_a, int(fam[slot_b])), (slot_b, int(fam[slot_a]))):
+                    bank.w1[slot], bank.w2[slot] = fam_w1[target], fam_w2[target]
+                return
         factors = [f.detach().clone() for f in bank.factors()]
         for slot, target in ((slot_a, int(fam[slot_b])), (slot_b, int(fam[slot_a]))):
             for base, u, v, w in ((bank.base1, factors[0], factors[1], fam_w1[target]),
@@ -198,9 +202,6 @@ def _planted(n_families, seed=0):
                 u[slot], v[slot] = us[:, :RANK] * s[:RANK].sqrt(), s[:RANK].sqrt()[:, None] * vh[:RANK]
         bank.load_factors(bank.base1.detach().clone(), factors[0], factors[1],
                           bank.base2.detach().clone(), factors[2], factors[3])
-        with torch.no_grad():
-            rows = layer.router.weight
-            rows[[slot_a, slot_b]] = rows[[slot_b, slot_a]].clone()
 
     run()
     recluster(layer)
@@ -278,6 +279,24 @@ def test_optimizer_state_follows_the_experts():
     assert torch.equal(optimizer.state[layer.bank.base1]["step"], before[layer.bank.base1]["step"])
     layer((torch.randn(1, 64, D)))[0].square().mean().backward()
     optimizer.step()                                                 # shapes still fit
+
+
+def test_without_compression_whole_experts_and_their_state_move():
+    layer, run, swap = _planted(n_families=2, compress=False)
+    assert layer.has_clusters and not layer.clustered                # full experts, grouped
+    optimizer = torch.optim.AdamW(list(layer.parameters()), lr=1e-3)
+    layer((torch.randn(1, 64, D)))[0].square().mean().backward()
+    optimizer.step()
+    swap(0, 4)
+    run()
+    ids, w1 = layer.expert_ids.clone(), layer.bank.w1.detach().clone()
+    w1_state = optimizer.state[layer.bank.w1]["exp_avg"].clone()
+    result = recluster(layer)
+    assert result["moved"] == 2 and _moved_ids(layer, ids) == {int(ids[0]), int(ids[4])}
+    carry_optimizer_state(optimizer, result)
+    old = torch.tensor([int((ids == e).nonzero()) for e in layer.expert_ids])
+    assert torch.equal(layer.bank.w1, w1[old])                       # experts moved whole
+    assert torch.equal(optimizer.state[layer.bank.w1]["exp_avg"], w1_state[old])
 
 
 def test_carry_rows_permutes_and_zeroes_moments_only():

@@ -280,7 +280,7 @@ def test_quantize_model_storage_and_output():
 
 
 def test_quantized_checkpoint_round_trips_and_is_smaller(tmp_path):
-    from model import GPT, GPTConfig
+    from model import GPT
     from quant import quantize_model
     model = _clustered_gpt()
     torch.save({"model": model.state_dict()}, tmp_path / "float.pt")
