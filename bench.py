@@ -31,7 +31,8 @@ import torch
 import data
 import bench_decode
 from bench_layers import bench_layers, profile_layers, timed
-from bench_quality import beyond_noise, read_log, routing_stats, run_grid, run_variants, summarize
+from bench_quality import (beyond_noise, grid_variants, read_log, routing_stats, run_grid,
+                           run_variants, summarize)
 from cluster import recluster_model
 from model import GPT
 from offload import ClusterOffloader
@@ -229,39 +230,6 @@ def bench_quality(cfg: BenchConfig, device, out: Path) -> dict:
     return results
 
 
-# Declared grids of TrainConfig overrides, trained `seeds` times each (bench_quality.run_variants).
-GRIDS = {
-    # Is the top-k baseline sound? Each row changes one thing against top-k at the same budget;
-    # the "long" rows run 2.44x longer (about 40M tokens: two enwiki shards, seen once).
-    "baseline": {
-        "dense": {"moe": "dense"}, "topk": {"moe": "topk"},
-        "topk lr=2e-3": {"moe": "topk", "lr": 2e-3}, "topk lr=5e-4": {"moe": "topk", "lr": 5e-4},
-        "topk weight_decay=0": {"moe": "topk", "weight_decay": 0.0},
-        "dense weight_decay=0": {"moe": "dense", "weight_decay": 0.0},
-        "topk aux=0.001": {"moe": "topk", "aux_loss_coef": 0.001},
-        "topk E=8": {"moe": "topk", "n_experts": 8},
-        "dense long": {"moe": "dense", "max_iters_scale": 2.44},
-        "topk long": {"moe": "topk", "max_iters_scale": 2.44},
-    },
-    # The paper's ablations (its Table: dynamic vs static clustering, no online clustering, no
-    # low-rank compression, no hierarchical routing) next to the two baselines.
-    "ablation": {
-        "full method": {"moe": "clustered"},
-        "static clustering": {"moe": "clustered", "cluster_mode": "static"},
-        "random groups": {"moe": "clustered", "cluster_mode": "random"},
-        "no compression": {"moe": "clustered", "compress": False},
-        "no hierarchical routing": {"moe": "clustered", "hierarchical": False},
-        "top-k": {"moe": "topk"}, "dense": {"moe": "dense"},
-    },
-    # Is it the one-cluster restriction or the learned cluster prototypes that costs quality?
-    "routing": {
-        "full method, cluster scores from experts": {"moe": "clustered", "cluster_scores": "experts"},
-        "no compression, cluster scores from experts": {"moe": "clustered", "compress": False,
-                                                        "cluster_scores": "experts"},
-    },
-}
-
-
 def bench_grid(name: str):
     """A section that trains GRIDS[name] on the quality data (schedule: train.py's defaults)."""
     def run(cfg: BenchConfig, device, out: Path) -> list[dict]:
@@ -269,13 +237,7 @@ def bench_grid(name: str):
         base.eval_interval, base.warmup_iters, base.recluster_interval = (
             (max(1, cfg.train_iters // 5), 200, 100) if not cfg.smoke else (2, 2, 1))
         base.device, base.compile = str(device), device.type == "cuda"
-        variants = {}
-        for variant, overrides in GRIDS[name].items():
-            overrides = dict(overrides)
-            scale = overrides.pop("max_iters_scale", 1.0)
-            variants[variant] = {**overrides, "max_iters": round(base.max_iters * scale),
-                                 "eval_interval": round(base.eval_interval * scale)}
-        return run_variants(base, variants, cfg.seeds, out / name, cfg.parallel)
+        return run_variants(base, grid_variants(name, base), cfg.seeds, out / name, cfg.parallel)
     return run
 
 

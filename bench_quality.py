@@ -6,7 +6,9 @@ so quality runs overlap well; their tokens/s then mean nothing and bench.py take
 its `models` section instead) -- skipping runs whose log already reaches the last iteration,
 so a bench cut short resumes where it stopped; held-out routing statistics of a trained
 checkpoint; mean and spread over seeds, and the noise test every quality claim goes through.
-Does not own: which variants exist or what is claimed (bench.py), training (train.py).
+Also the declared grids (GRIDS: the baseline study, the paper's ablations, the routing
+question), one dict of TrainConfig overrides per variant.
+Does not own: the sections or what is claimed (bench.py), training (train.py).
 """
 import json
 import math
@@ -176,3 +178,50 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
         row["val_loss_curve"] = [[r["iter"], r["val_loss"]] for r in logs[0]]
         rows.append(row)
     return rows
+
+
+# Declared grids of TrainConfig overrides, trained `seeds` times each (bench_quality.run_variants).
+GRIDS = {
+    # Is the top-k baseline sound? Each row changes one thing against top-k at the same budget;
+    # the "long" rows run 2.44x longer (about 40M tokens: two enwiki shards, seen once).
+    "baseline": {
+        "dense": {"moe": "dense"}, "topk": {"moe": "topk"},
+        "topk lr=2e-3": {"moe": "topk", "lr": 2e-3}, "topk lr=5e-4": {"moe": "topk", "lr": 5e-4},
+        "topk weight_decay=0": {"moe": "topk", "weight_decay": 0.0},
+        "dense weight_decay=0": {"moe": "dense", "weight_decay": 0.0},
+        "topk aux=0.001": {"moe": "topk", "aux_loss_coef": 0.001},
+        "topk E=8": {"moe": "topk", "n_experts": 8},
+        "dense long": {"moe": "dense", "max_iters_scale": 2.44},
+        "topk long": {"moe": "topk", "max_iters_scale": 2.44},
+    },
+    # The paper's ablations (its Table: dynamic vs static clustering, no online clustering, no
+    # low-rank compression, no hierarchical routing) next to the two baselines.
+    "ablation": {
+        "full method": {"moe": "clustered"},
+        "static clustering": {"moe": "clustered", "cluster_mode": "static"},
+        "random groups": {"moe": "clustered", "cluster_mode": "random"},
+        "no compression": {"moe": "clustered", "compress": False},
+        "no hierarchical routing": {"moe": "clustered", "hierarchical": False},
+        "top-k": {"moe": "topk"}, "dense": {"moe": "dense"},
+        # the balance claim on equal terms: both routers without a balance loss
+        "full method aux=0": {"moe": "clustered", "aux_loss_coef": 0.0},
+        "top-k aux=0": {"moe": "topk", "aux_loss_coef": 0.0},
+    },
+    # Is it the one-cluster restriction or the learned cluster prototypes that costs quality?
+    "routing": {
+        "full method, cluster scores from experts": {"moe": "clustered", "cluster_scores": "experts"},
+        "no compression, cluster scores from experts": {"moe": "clustered", "compress": False,
+                                                        "cluster_scores": "experts"},
+    },
+}
+
+
+def grid_variants(name: str, base: TrainConfig) -> dict[str, dict]:
+    """GRIDS[name] with each 'max_iters_scale' turned into max_iters and eval_interval."""
+    variants = {}
+    for variant, overrides in GRIDS[name].items():
+        overrides = dict(overrides)
+        scale = overrides.pop("max_iters_scale", 1.0)
+        variants[variant] = {**overrides, "max_iters": round(base.max_iters * scale),
+                             "eval_interval": round(base.eval_interval * scale)}
+    return variants

@@ -3,6 +3,7 @@ import json
 import math
 
 import bench
+import bench_quality
 
 
 def test_smoke_runs_every_section(tmp_path):
@@ -42,3 +43,11 @@ def test_sections_table_rejects_unknown_names(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="unknown sections"):
         bench.main(bench.BenchConfig(sections="layers,nope", out_dir=str(tmp_path)))
+
+
+def test_grid_sections_run_every_declared_variant(tmp_path):
+    cfg = bench.BenchConfig(smoke=True, sections="routing", out_dir=str(tmp_path / "b"),
+                            data_dir=str(tmp_path / "data"))
+    rows = bench.main(cfg)["routing"]
+    assert [r["variant"] for r in rows] == list(bench_quality.GRIDS["routing"])
+    assert all(len(r["val_ppl_seeds"]) == 2 and r["reclusters"] >= 1 for r in rows)
