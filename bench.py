@@ -37,7 +37,8 @@ from cluster import recluster_model
 from model import GPT
 from offload import ClusterOffloader
 from quant import quantize_model
-from train import PRESETS, TrainConfig, evaluate, load_model, parse_config
+from cli import load_model, parse_config
+from train import PRESETS, TrainConfig, evaluate
 
 
 @dataclass

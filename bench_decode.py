@@ -32,7 +32,8 @@ from cluster import recluster_model
 from model import GPT
 from offload import ClusterOffloader
 from quant import quantize_model
-from train import PRESETS, TrainConfig, load_model
+from cli import load_model
+from train import PRESETS, TrainConfig
 
 PROMPT_TOKENS, NEW_TOKENS, REPEATS = 128, 256, 3
 SMOKE_PROMPT_TOKENS, SMOKE_NEW_TOKENS, SMOKE_REPEATS = 4, 8, 1

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 import glue
-from train import load_model, parse_config, resolve_device
+from cli import load_model, parse_config, resolve_device
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from train import load_model, parse_config, resolve_device
+from cli import load_model, parse_config, resolve_device
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import data
 from offload import ClusterOffloader
 from quant import quantize_model
-from train import load_model, parse_config, resolve_device
+from cli import load_model, parse_config, resolve_device
 
 
 @dataclass

@@ -4,8 +4,8 @@ Owns: TrainConfig and its `--field=value` parsing, the training loop (AdamW, war
 cosine LR, clipping, accumulation, bf16 autocast, optional torch.compile, DDP under
 torchrun), evaluation and log.jsonl, atomic checkpoints and exact resume, and the
 reclustering schedule (train as top-k for `warmup_iters`, then cluster + compress, then
-recluster every `recluster_interval`, rebuilding the optimizer with surviving state).
-Also the small helpers other entry points reuse: `parse_config`, `load_model`.
+recluster every `recluster_interval`; the optimizer state follows the experts).
+The helpers every entry point shares (flag parsing, devices, checkpoints) live in cli.py.
 """
 import json
 import math
@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+from cli import load_model, parse_config, resolve_device, save_atomic
 from cluster import carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
 from router import load_cv
@@ -110,66 +111,6 @@ class TrainConfig(GPTConfig):
         return self
 
 
-def parse_config(cls, argv: list[str], presets: dict | None = None):
-    """`--field=value` overrides for any dataclass; unknown keys list the valid ones.
-
-    With `presets` and a `--preset=NAME` flag, NAME's values are applied first and explicit
-    flags win over them.
-    """
-    valid = {f.name: f for f in fields(cls)}
-    values = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print("usage: --field=value, fields and defaults:\n" + "\n".join(
-                f"  --{f.name}={f.default}" for f in fields(cls)))
-            sys.exit(0)
-        key, eq, raw = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in valid:
-            raise ValueError(f"unknown argument {arg!r}; valid keys: {', '.join(valid)}")
-        kind = type(valid[key].default)
-        if kind is bool:
-            if raw.lower() not in ("", "1", "0", "true", "false"):
-                raise ValueError(f"--{key} expects true/false, got {raw!r}")
-            values[key] = raw.lower() in ("", "1", "true")
-        else:
-            try:
-                values[key] = kind(raw)
-            except ValueError:
-                raise ValueError(f"--{key} expects {kind.__name__}, got {raw!r}") from None
-    if presets is not None and values.get("preset"):
-        if values["preset"] not in presets:
-            raise ValueError(f"unknown preset {values['preset']!r}; valid: {', '.join(presets)}")
-        values = {**presets[values["preset"]], **values}
-    return cls(**values)
-
-
-def resolve_device(device: str, dtype: str):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} but CUDA is not available; use --device=cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
-
-
-def load_checkpoint(path, device="cpu") -> dict:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise RuntimeError(f"cannot read checkpoint {path}: {error} (corrupt or not ours?)") from None
-
-
-def load_model(path, device="cpu"):
-    """-> (GPT with the checkpoint's weights and bank types, checkpoint dict)."""
-    ckpt = load_checkpoint(path, device)
-    model = GPT(TrainConfig(**ckpt["config"]).model_config())
-    model.prepare_state_dict(ckpt["model"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device), ckpt
-
-
 def build_optimizer(model, cfg: TrainConfig, old=None, reset=()):
     """AdamW, decay on matrices only; carry state from `old` for params not in `reset`."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -199,12 +140,6 @@ def recluster_due(it: int, cfg: TrainConfig) -> bool:
     if cfg.cluster_mode != "dynamic":
         return it == cfg.warmup_iters
     return (it - cfg.warmup_iters) % cfg.recluster_interval == 0
-
-
-def save_atomic(obj, path: Path):
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def rng_state(batch_gen: torch.Generator) -> dict:
