@@ -75,6 +75,9 @@ class BenchConfig:
     parallel: int = 1              # train.py processes at once on the one device (see bench_quality)
     routing_batches: int = 8       # val batches for load statistics and all-to-all volume
     decode_ckpt: str = ""          # a train.py checkpoint: decode prediction accuracy on real text
+    glue_dir: str = ""             # GLUE root: grid sections also fine-tune each run on glue_task
+    glue_task: str = "sst2"
+    glue_max_examples: int = 10000 # training examples per fine-tuning (0 = all), 2 epochs
 
     def shrink(self):
         """--smoke: tiny sizes so the whole bench runs in seconds on CPU."""
@@ -238,7 +241,10 @@ def bench_grid(name: str):
         base.eval_interval, base.warmup_iters, base.recluster_interval = (
             (max(1, cfg.train_iters // 5), 200, 100) if not cfg.smoke else (2, 2, 1))
         base.device, base.compile = str(device), device.type == "cuda"
-        return run_variants(base, grid_variants(name, base), cfg.seeds, out / name, cfg.parallel)
+        glue = cfg.glue_dir and {"task": cfg.glue_task, "data_dir": cfg.glue_dir, "epochs": 2,
+                                 "max_train_examples": cfg.glue_max_examples}
+        return run_variants(base, grid_variants(name, base), cfg.seeds, out / name, cfg.parallel,
+                            glue or None)
     return run
 
 
@@ -373,7 +379,7 @@ SECTIONS["ablation"] = (bench_grid("ablation"),
                         lambda cfg, env: f"Ablations on {cfg.dataset}, {cfg.train_iters} iterations, "
                                          f"{cfg.seeds} seeds, mean (std) ({env['device']}):",
                         ["variant", "val_ppl", "val_ppl_std", "load_cv", "cluster_load_cv",
-                         "experts_moved", "shock", "train_tokens_per_sec"])
+                         "experts_moved", "shock", "train_tokens_per_sec", "glue", "glue_std"])
 SECTIONS["routing"] = (bench_grid("routing"), SECTIONS["ablation"][1], SECTIONS["ablation"][2])
 TABLE_ROWS = {"quality": _quality_rows}
 

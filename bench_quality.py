@@ -142,11 +142,23 @@ def routing_stats(model: GPT, val, tc: TrainConfig, device, n_batches: int) -> d
             "devices_per_token": sum(devices_per_token) / len(devices_per_token)}
 
 
+def glue_score(tc: TrainConfig, glue: dict) -> float:
+    """One fine-tuning of a trained run's checkpoint on one GLUE task -> its official score."""
+    from eval_glue import GlueConfig, finetune_and_evaluate  # an entry point: import on use
+    cfg = GlueConfig(**{**glue, "ckpt": str(Path(tc.out_dir) / "ckpt.pt"), "seeds": 1,
+                        "seed": tc.seed, "out": str(Path(tc.out_dir) / "glue.jsonl"),
+                        "device": tc.device}).validate()
+    summary = next(r for r in finetune_and_evaluate(cfg) if r.get("summary") and r["task"] != "average")
+    return summary["score"]["mean"]
+
+
 def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: Path,
-                 parallel: int = 1) -> list[dict]:
+                 parallel: int = 1, glue: dict | None = None) -> list[dict]:
     """A declared grid: each named variant (TrainConfig overrides of `base`) trained with
     `seeds` seeds; one row per variant with final val perplexity and load CV as mean and
-    std over seeds, tokens, experts moved and reclusters. Finished runs are skipped."""
+    std over seeds, tokens, experts moved and reclusters. Finished runs are skipped.
+    `glue` (eval_glue.GlueConfig fields, one task): also fine-tune every seed's checkpoint
+    once (fine-tuning seed = training seed) and report the task's score as mean and std."""
     grid = {}
     for name, overrides in variants.items():
         for i in range(seeds):
@@ -175,6 +187,10 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
         speeds = [statistics.median([r["tokens_per_sec"] for r in log[1:]] or [log[-1]["tokens_per_sec"]])
                   for log in logs]
         row["train_tokens_per_sec"] = statistics.fmean(speeds) if parallel <= 1 else None
+        if glue:
+            scores = [glue_score(grid[name, i], glue) for i in range(seeds)]
+            s = summarize(scores)
+            row["glue"], row["glue_std"], row["glue_seeds"] = s["mean"], s["std"], scores
         row["val_loss_curve"] = [[r["iter"], r["val_loss"]] for r in logs[0]]
         rows.append(row)
     return rows

@@ -1,6 +1,9 @@
 """bench.py --smoke: every section runs on CPU and the results hold together."""
 import json
 import math
+from pathlib import Path
+
+import pytest
 
 import bench
 import bench_quality
@@ -40,7 +43,6 @@ def test_smoke_runs_every_section(tmp_path):
 
 
 def test_sections_table_rejects_unknown_names(tmp_path):
-    import pytest
     with pytest.raises(ValueError, match="unknown sections"):
         bench.main(bench.BenchConfig(sections="layers,nope", out_dir=str(tmp_path)))
 
@@ -51,3 +53,15 @@ def test_grid_sections_run_every_declared_variant(tmp_path):
     rows = bench.main(cfg)["routing"]
     assert [r["variant"] for r in rows] == list(bench_quality.GRIDS["routing"])
     assert all(len(r["val_ppl_seeds"]) == 2 and r["reclusters"] >= 1 for r in rows)
+
+
+def test_grid_rows_carry_a_glue_score_per_seed(tmp_path):
+    sst2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+    if not (sst2 / "SST-2" / "train.tsv").exists():
+        pytest.skip("../shared/data/glue is not beside the repository")
+    cfg = bench.BenchConfig(smoke=True, sections="routing", out_dir=str(tmp_path / "b"),
+                            data_dir=str(tmp_path / "data"), glue_dir=str(sst2), glue_max_examples=16)
+    rows = bench.main(cfg)["routing"]
+    for row in rows:
+        assert len(row["glue_seeds"]) == 2 and all(0 <= s <= 1 for s in row["glue_seeds"])
+        assert row["glue"] == sum(row["glue_seeds"]) / 2
