@@ -17,7 +17,6 @@ and the closing table that marks each of the paper's claims met, not met, or wit
 Does not own: model code (model.py, train.py), plotting (plots.py).
 """
 import dataclasses
-import gc
 import json
 import math
 import statistics
@@ -28,16 +27,14 @@ from pathlib import Path
 
 import torch
 
-import data
 import bench_decode
-from bench_layers import bench_layers, profile_layers, timed
+import data
+from bench_layers import bench_layers, build_model, free_memory, peak_mib, profile_layers, timed
 from bench_quality import (beyond_noise, grid_variants, read_log, routing_stats, run_grid,
                            run_variants, summarize)
-from cluster import recluster_model
-from model import GPT
+from cli import load_model, parse_config
 from offload import ClusterOffloader
 from quant import quantize_model
-from cli import load_model, parse_config
 from train import PRESETS, TrainConfig, evaluate
 
 
@@ -107,36 +104,13 @@ def _model_config(cfg: BenchConfig, moe: str, big: bool = False) -> TrainConfig:
     return tc
 
 
-def _build(tc: TrainConfig, device, dtype=None) -> GPT:
-    """A model on `device`; clustered ones are clustered + compressed right away."""
-    torch.manual_seed(tc.seed)
-    with torch.device(device):
-        model = GPT(tc.model_config())
-    if tc.moe == "clustered":
-        for layer in model.moe_layers():
-            layer.input_mean.normal_()
-        recluster_model(model)
-    return model.to(dtype) if dtype else model
-
-
-def _free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_mib(device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-
-
 def bench_models(cfg: BenchConfig, device) -> list[dict]:
     """Default-size models: parameters, train step (fwd+bwd+AdamW) and inference tokens/s."""
     rows = []
     for moe in ("dense", "topk", "clustered"):
-        _free(device)
+        free_memory(device)
         tc = _model_config(cfg, moe)
-        model = _build(tc, device)
+        model = build_model(tc, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         tokens = torch.randint(0, 50257, (tc.batch_size, tc.block_size + 1), device=device)
         x, y = tokens[:, :-1], tokens[:, 1:]
@@ -154,7 +128,7 @@ def bench_models(cfg: BenchConfig, device) -> list[dict]:
                 model(x)
         train_ms = timed(step, device, cfg.repeats, cfg.warmup)
         row = {"model": moe, **model.param_counts(), "train_tokens_per_sec": x.numel() / train_ms * 1e3,
-               "train_peak_mib": _peak_mib(device)}
+               "train_peak_mib": peak_mib(device)}
         model.eval()
         row["infer_tokens_per_sec"] = x.numel() / timed(infer, device, cfg.repeats, cfg.warmup) * 1e3
         rows.append(row)
@@ -168,21 +142,21 @@ def bench_inference(cfg: BenchConfig, device) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for size, big in (("default", False), ("large", True)):
         for variant in ("dense", "topk", "clustered", "clustered+int4", "clustered+int4+offload"):
-            _free(device)
+            free_memory(device)
             tc = _model_config(cfg, variant.split("+")[0], big)
-            model = _build(tc, device, dtype).eval()
+            model = build_model(tc, device, dtype).eval()
             cache = None
             if "int4" in variant:  # 16-bit bases in the forward's dtype: no per-step cast
                 quantize_model(model, base_dtype=dtype)
             if "offload" in variant:
                 cache = ClusterOffloader(model, 0, device)
                 cache.budget = cfg.offload_clusters * cache.entry_bytes((0, 0))
-            _free(device)  # the peak below starts from what stays resident: weights, cache
+            free_memory(device)  # the peak below starts from what stays resident: weights, cache
             x = torch.randint(0, 50257, (cfg.batch_size, tc.block_size), device=device)
             with torch.no_grad():
                 ms = timed(lambda: model(x), device, cfg.repeats, cfg.warmup)
             row = {"size": size, "model": variant, "n_layer": tc.n_layer, "n_embd": tc.n_embd,
-                   "infer_tokens_per_sec": x.numel() / ms * 1e3, "peak_mib": _peak_mib(device)}
+                   "infer_tokens_per_sec": x.numel() / ms * 1e3, "peak_mib": peak_mib(device)}
             if cache:
                 row.update({k: cache.stats[k] for k in ("bytes_moved", "hits", "misses", "stalls")})
             rows.append(row)
@@ -212,7 +186,7 @@ def bench_quality(cfg: BenchConfig, device, out: Path) -> dict:
             run = {"seed": tc.seed, "val_loss": log[-1]["val_loss"], "val_ppl": log[-1]["val_ppl"],
                    "train_tokens_per_sec": statistics.median(speeds), "log": log,
                    **{k: log[-1][k] for k in ("total_params", "expert_params", "active_params")}}
-            _free(device)
+            free_memory(device)
             model, _ = load_model(Path(tc.out_dir) / "ckpt.pt", device)
             val = data.load_split(data.prepare(tc.dataset, tc.data_dir, val_split=tc.val_split), "val")
             if moe != "dense":

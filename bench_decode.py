@@ -22,17 +22,14 @@ of val windows (every token scored) and a decode from a val prompt.
 Does not own: the model, the cache of clusters or the timing helper (model.py, offload.py,
 bench_layers.timed); bench.py owns BenchConfig and the printed tables.
 """
-import gc
 
 import torch
 
 import data
-from bench_layers import timed
-from cluster import recluster_model
-from model import GPT
+from bench_layers import build_model, free_memory, peak_mib, timed
+from cli import load_model
 from offload import ClusterOffloader
 from quant import quantize_model
-from cli import load_model
 from train import PRESETS, TrainConfig
 
 PROMPT_TOKENS, NEW_TOKENS, REPEATS = 128, 256, 3
@@ -65,28 +62,6 @@ def _config(cfg, moe: str, preset: str, window: int) -> TrainConfig:
     # positions), so the window is made long enough for prompt + new tokens.
     tc.block_size = max(tc.block_size, window)
     return tc
-
-
-def _build(tc: TrainConfig, device, dtype) -> GPT:
-    torch.manual_seed(tc.seed)
-    with torch.device(device):
-        model = GPT(tc.model_config())
-    if tc.moe == "clustered":
-        for layer in model.moe_layers():
-            layer.input_mean.normal_()
-        recluster_model(model)
-    return model.to(dtype).eval()
-
-
-def _free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_mib(device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
 
 def _offload(model, fraction: float, device) -> ClusterOffloader:
@@ -129,9 +104,9 @@ def _decode(model, prompt, new: int, device, repeats: int, use_cache=True, cache
             row["prefill_hidden_fraction"] = cache.timing()["hidden_fraction"]
             run()
             cache.reset_stats()
-        _free(device)
+        free_memory(device)
         ms = timed(run, device, repeats, warmup=0)
-    row.update({"decode_tokens_per_sec": new / ms * 1e3, "peak_mib": _peak_mib(device)})
+    row.update({"decode_tokens_per_sec": new / ms * 1e3, "peak_mib": peak_mib(device)})
     if cache is not None:
         row.update(_cache_columns(cache, repeats * new))
     return row
@@ -144,9 +119,9 @@ def _size_rows(cfg, size: str, preset: str, device, dtype) -> list[dict]:
     variants += [(f"clustered+int4+offload {f:.0%}", "clustered", f) for f in BUDGETS]
     rows = []
     for name, moe, fraction in variants:
-        _free(device)
+        free_memory(device)
         tc = _config(cfg, moe, preset, prompt_len + new)
-        model = _build(tc, device, dtype)
+        model = build_model(tc, device, dtype).eval()
         if "int4" in name:  # 16-bit bases in the forward's dtype: no per-step cast
             quantize_model(model, base_dtype=dtype if dtype != torch.float32 else torch.float16)
         cache = _offload(model, fraction, device) if fraction is not None else None
@@ -169,7 +144,7 @@ def _checkpoint_rows(path: str, cfg, device, dtype) -> list[dict]:
     """A trained clustered checkpoint, INT4 + offload at CKPT_BUDGET: per-layer prediction
     accuracy on held-out text, over a prefill of val windows and over a decode."""
     prompt_len, new, repeats = _workload(cfg)
-    _free(device)
+    free_memory(device)
     model, ckpt = load_model(path, device)
     model.eval()
     if not any(layer.clustered for layer in model.moe_layers()):

@@ -1,6 +1,7 @@
 """One FFN layer, timed: DESIGN.md's hot-path table.  Used by bench.py (--sections=layers,profile).
 
-Owns: `timed` (CUDA events, warm-up, median of repeats; perf_counter on CPU), the layer
+Owns: `timed` (CUDA events, warm-up, median of repeats; perf_counter on CPU) and the
+helpers every bench section uses (`free_memory`, `peak_mib`, `build_model`), the layer
 variants at one setting (dense FFN, `MinimalTopK` as the yardstick, top-k and clustered MoE,
 grouped and loop paths, the clustered layer with fused.gelu_combine on CUDA), their
 forward+backward timing, optionally torch.compile'd, and a torch.profiler table of the
@@ -8,6 +9,7 @@ kernels that dominate each grouped layer.
 Does not own: the setting itself (bench.BenchConfig: tokens, n_embd, ffn_hidden,
 n_experts, top_k, n_clusters, rank, repeats, warmup, seed, compile_layers) or whole models.
 """
+import gc
 import math
 import statistics
 import time
@@ -16,10 +18,35 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from cluster import recluster
+from cluster import recluster, recluster_model
 from experts import gelu, grouped_available, resolve_matmul
 from fused import combine_available
-from model import MLP, MoE, GPTConfig, init_weights
+from model import GPT, MLP, MoE, GPTConfig, init_weights
+
+
+def free_memory(device):
+    """Collect garbage and reset the peak counter: a measurement starts from what stays resident."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+
+
+def build_model(tc, device, dtype=None) -> GPT:
+    """A random-init model of a train.TrainConfig on `device`; clustered ones are clustered +
+    compressed right away (random input means stand in for the statistics training collects)."""
+    torch.manual_seed(tc.seed)
+    with torch.device(device):
+        model = GPT(tc.model_config())
+    if tc.moe == "clustered":
+        for layer in model.moe_layers():
+            layer.input_mean.normal_()
+        recluster_model(model)
+    return model.to(dtype) if dtype else model
 
 
 def timed(fn, device, repeats: int, warmup: int) -> float:
