@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 import data
+from cli import load_model, parse_config, resolve_device
 from offload import ClusterOffloader
 from quant import quantize_model
-from cli import load_model, parse_config, resolve_device
 
 
 @dataclass
