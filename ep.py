@@ -1,0 +1,204 @@
+"""Expert parallelism: each rank holds 1/W of a MoE layer's experts, and tokens travel to the
+ranks that own their experts and back (a torchtitan-style token dispatcher).
+
+Owns: the differentiable all-to-all (`AllToAll`), the counts exchange, expert placement
+(contiguous blocks of E/W experts per rank; for the clustered bank whole clusters, G/W per
+rank), `ExpertParallelMoE` (one model.MoE layer spread over a process group), and
+`shard_state` / `gather_state` (a layer's bank <-> one rank's slice of it).
+Does not own: routing math (router.py), expert compute (experts.py: the shard runs the same
+ExpertBank / ClusteredBank forward on a smaller bank), the router's gradient all-reduce (the
+router is replicated: it is a data-parallel parameter like attention's), reclustering
+(cluster.py regroups a full layer: gather, recluster, shard again), running statistics.
+
+Shapes: N local tokens, d model width, h expert width, E experts, G clusters, m = E / G,
+r rank, k experts per token, W world size, E_r = E / W experts per rank, S rows this rank
+sends (one per token and destination rank), R rows it receives.
+
+One forward, on every rank:
+    route locally -> owner rank of each (token, slot) = expert // E_r
+    one row per (token, owner rank): a clustered token goes to ONE rank with its k expert
+        ids and gates; a top-k token goes to each distinct rank among its k experts, once,
+        carrying the ids and gates of the experts that rank holds
+    counts exchange (the one host sync) -> all-to-all of rows, gates and local expert ids
+    the local bank computes each received row's gated sum over the slots it holds
+    reverse all-to-all, one row back per row received -> sum over the ranks a token visited
+Dropless only: a capacity limit depends on every rank's queue, which no rank sees.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from experts import ClusteredBank, ExpertBank
+from model import MoE
+from router import Routing, count
+
+
+def _exchange(x, send_counts: list[int], recv_counts: list[int], group):
+    """Rows of x in destination order -> rows received, in source-rank order."""
+    out = x.new_empty(sum(recv_counts), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """x (S, ...) -> (R, ...): the first send_counts[0] rows go to rank 0, the next
+    send_counts[1] to rank 1, ...; recv_counts[j] rows arrive from rank j, in rank order.
+    The backward is the same exchange reversed: each gradient row goes home."""
+
+    @staticmethod
+    def forward(ctx, x, send_counts, recv_counts, group):
+        ctx.counts, ctx.group = (send_counts, recv_counts), group
+        return _exchange(x, send_counts, recv_counts, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_counts, recv_counts = ctx.counts
+        return _exchange(grad, recv_counts, send_counts, ctx.group), None, None, None
+
+
+def exchange_counts(send: torch.Tensor, group) -> tuple[list, list]:
+    """send (W, c) int64, c counts per destination rank -> (what this rank sends, what it
+    receives from each rank) as host lists of (W, c). all_to_all_single's split sizes are
+    host integers, so this .tolist() is the forward's one host sync."""
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send.contiguous(), group=group)   # row j to / from rank j
+    both = torch.stack([send, recv]).tolist()
+    return both[0], both[1]
+
+
+def shard_state(layer: MoE, rank: int, world: int) -> dict:
+    """This rank's slice of layer.bank's state: rows [rank*n, (rank+1)*n) of every bank
+    tensor, n = E / W experts (ExpertBank) or G / W clusters (ClusteredBank)."""
+    state = layer.bank.state_dict()
+    n = next(iter(state.values())).shape[0] // world
+    return {name: t[rank * n:(rank + 1) * n].detach().clone() for name, t in state.items()}
+
+
+@torch.no_grad()
+def gather_state(ep: "ExpertParallelMoE") -> dict:
+    """The full layer's parameters, in model.MoE's state_dict names (router.weight,
+    cluster_router, bank.*), gathered from every rank's shard: what a checkpoint holds."""
+    state = {"router.weight": ep.router.weight.detach().clone()}
+    if ep.cluster_router is not None:
+        state["cluster_router"] = ep.cluster_router.detach().clone()
+    for name, shard in ep.bank.state_dict().items():
+        if ep.world == 1:
+            state["bank." + name] = shard.clone()
+            continue
+        parts = [torch.empty_like(shard) for _ in range(ep.world)]
+        dist.all_gather(parts, shard.contiguous(), group=ep.group)
+        state["bank." + name] = torch.cat(parts)
+    return state
+
+
+class ExpertParallelMoE(nn.Module):
+    """A model.MoE layer spread over a process group: router (and cluster router) replicated,
+    the bank sharded (memory per rank ~ 1/W). forward(x (B, T, C)) -> (y, aux_loss), with
+    aux_loss over this rank's tokens. Built from a full layer; the layer itself is not kept.
+
+    bytes_sent: after each forward, {'dispatch', 'combine'} bytes this rank sent to OTHER
+    ranks (rows * d * element size; the rows a rank keeps for itself are not counted).
+    """
+
+    # The routing is model.MoE's own code, not a copy: it reads only cfg, router,
+    # cluster_router and has_clusters, which this module has too.
+    route = MoE.route
+    cluster_logits = MoE.cluster_logits
+
+    def __init__(self, layer: MoE, group=None):
+        super().__init__()
+        cfg = layer.cfg
+        if group is None and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        self.group = group
+        self.world = 1 if group is None else dist.get_world_size(group)
+        self.rank = 0 if group is None else dist.get_rank(group)
+        bank = layer.bank
+        n_groups = bank.n_clusters if isinstance(bank, ClusteredBank) else cfg.n_experts
+        rules = [
+            (layer.offload is None, "an offloaded layer cannot be expert-parallel"),
+            (not getattr(bank, "quantized", False), "a quantized bank is for inference"),
+            (cfg.capacity_factor == 0, "expert parallelism is dropless: capacity_factor must be 0"),
+            (n_groups % self.world == 0,
+             f"{'clusters' if isinstance(bank, ClusteredBank) else 'experts'} ({n_groups}) "
+             f"must be divisible by the world size ({self.world})"),
+            (not isinstance(bank, ClusteredBank) or cfg.hierarchical,
+             "a clustered bank needs hierarchical routing (one cluster per token)"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(f"expert parallel: {message}")
+        self.cfg = cfg
+        self.experts_per_rank = cfg.n_experts // self.world                # E_r
+        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
+        self.router.weight.data.copy_(layer.router.weight.detach())
+        self.cluster_router = None if layer.cluster_router is None else \
+            nn.Parameter(layer.cluster_router.detach().clone())
+        if isinstance(bank, ClusteredBank):
+            local = ClusteredBank(n_groups // self.world, bank.m, cfg.n_embd, cfg.ffn_hidden,
+                                  bank.rank)
+            local.combine = bank.combine
+        else:
+            local = ExpertBank(self.experts_per_rank, cfg.n_embd, cfg.ffn_hidden)
+        local.matmul = bank.matmul
+        local.load_state_dict(shard_state(layer, self.rank, self.world))
+        self.bank = local.to(layer.router.weight.device)
+        self.bytes_sent = {"dispatch": 0, "combine": 0}
+
+    @property
+    def has_clusters(self) -> bool:
+        return self.cluster_router is not None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)                                            # (N, d)
+        routing = self.route(x)
+        if self.world == 1:
+            y = self.bank(x, routing)
+        else:
+            y = self._parallel(x, routing)
+        return y.view(B, T, C), routing.aux_loss
+
+    def _parallel(self, x, routing):
+        W = self.world
+        owner = routing.expert_idx // self.experts_per_rank                # (N, k) slot -> rank
+        # One row per (token, destination rank), sorted by destination then token, with no
+        # host sync: unvisited pairs get key W and sort past the S rows that are sent.
+        visit = torch.zeros(x.shape[0], W, dtype=torch.bool, device=x.device)
+        visit.scatter_(1, owner, True)                                     # (N, W)
+        key = torch.where(visit, torch.arange(W, device=x.device), W).flatten()  # (N*W,)
+        pair = key.argsort(stable=True)
+        counts = torch.stack([visit.sum(0), count(owner, W).long()], 1)    # (W, 2) rows, slots
+        send, recv = exchange_counts(counts, self.group)
+        send_rows, recv_rows = [c[0] for c in send], [c[0] for c in recv]
+        pair = pair[:sum(send_rows)]
+        token, dest = pair // W, pair % W                                  # (S,) each
+        mine = owner[token] == dest.unsqueeze(1)                           # (S, k) slots dest holds
+        first = (dest * self.experts_per_rank).unsqueeze(1)               # dest's first expert
+        ids = torch.where(mine, routing.expert_idx[token] - first, -1)    # (S, k) local ids
+        gates = routing.gates[token] * mine                                # (S, k)
+
+        group = self.group
+        x_in = AllToAll.apply(x[token], send_rows, recv_rows, group)      # (R, d)
+        gates_in = AllToAll.apply(gates, send_rows, recv_rows, group)     # (R, k)
+        ids_in = _exchange(ids, send_rows, recv_rows, group)              # (R, k), -1: not here
+        y_in = self._local(x_in, ids_in, gates_in, sum(c[1] for c in recv))
+        y_back = AllToAll.apply(y_in, recv_rows, send_rows, group)        # (S, d)
+        y = y_back.new_zeros(x.shape).index_add(0, token, y_back)         # (N, d)
+
+        d, me = x.shape[1], self.rank
+        self.bytes_sent = {"dispatch": (len(token) - send_rows[me]) * d * x.element_size(),
+                           "combine": (len(y_in) - recv_rows[me]) * d * y_in.element_size()}
+        return y
+
+    def _local(self, x, ids, gates, n_slots: int):
+        """Received rows (R, d) -> each row's gated sum over the slots this rank holds (R, d)."""
+        if isinstance(self.bank, ClusteredBank):  # one cluster per token: all k slots are here
+            return self.bank(x, Routing(ids, gates, None, None, ids[:, 0] // self.bank.m))
+        # Top-k: a row holds 1..k valid slots; compute exactly those, each as a k=1 row.
+        k = ids.shape[1]
+        slot = (ids < 0).flatten().int().argsort(stable=True)[:n_slots]  # valid first
+        row = slot // k
+        one = Routing(ids.flatten()[slot, None], gates.flatten()[slot, None], None, None)
+        out = self.bank(x[row], one)                                       # (slots, d) gated
+        return out.new_zeros(x.shape[0], out.shape[1]).index_add(0, row, out)
