@@ -3,8 +3,10 @@ ranks that own their experts and back (a torchtitan-style token dispatcher).
 
 Owns: the differentiable all-to-all (`AllToAll`), the counts exchange, expert placement
 (contiguous blocks of E/W experts per rank; for the clustered bank whole clusters, G/W per
-rank), `ExpertParallelMoE` (one model.MoE layer spread over a process group), and
-`shard_state` / `gather_state` (a layer's bank <-> one rank's slice of it).
+rank), `ExpertParallelMoE` (one model.MoE layer spread over a process group),
+`shard_state` / `gather_state` (a layer's bank <-> one rank's slice of it), and for a whole
+GPT: `parallelize`, `full_state_dict`, the gradient sync and clipping that replace DDP's,
+and the optimizer state of the shards gathered / re-sliced (train.py sets up the groups).
 Does not own: routing math (router.py), expert compute (experts.py: the shard runs the same
 ExpertBank / ClusteredBank forward on a smaller bank), the router's gradient all-reduce (the
 router is replicated: it is a data-parallel parameter like attention's), reclustering
@@ -202,3 +204,93 @@ class ExpertParallelMoE(nn.Module):
         one = Routing(ids.flatten()[slot, None], gates.flatten()[slot, None], None, None)
         out = self.bank(x[row], one)                                       # (slots, d) gated
         return out.new_zeros(x.shape[0], out.shape[1]).index_add(0, row, out)
+
+
+def parallelize(model, group) -> dict:
+    """Swap every model.MoE of a GPT for an ExpertParallelMoE over `group` (in place; the full
+    banks are dropped). -> the swapped layers' buffers by state_dict key: the running
+    statistics, which this module does not update, kept so a gathered checkpoint
+    (`full_state_dict`) loads as a plain GPT."""
+    buffers = {}
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.ffn, MoE):
+            buffers.update({f"blocks.{i}.ffn.{name}": buf.detach().clone()
+                            for name, buf in block.ffn.named_buffers()})
+            block.ffn = ExpertParallelMoE(block.ffn, group)
+    return buffers
+
+
+def full_state_dict(model, buffers: dict) -> dict:
+    """A parallelized GPT's state_dict with every layer's bank gathered (collective: every
+    rank of each expert-parallel group calls it): what a single-process GPT loads."""
+    state = model.state_dict()
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.ffn, ExpertParallelMoE):
+            prefix = f"blocks.{i}.ffn."
+            for name in [k for k in state if k.startswith(prefix)]:
+                del state[name]
+            state.update({prefix + k: v for k, v in gather_state(block.ffn).items()})
+    return {**state, **buffers}
+
+
+def sync_grads(model, shards: list, world: int, replica_group):
+    """Make every gradient that of the mean loss over all ranks (the loss is a mean per rank).
+    Replicated parameters saw only this rank's tokens: average over all ranks. A shard's
+    gradient already sums the losses of every rank in its expert-parallel group (their tokens
+    came to it): sum over its replicas and divide by the world size. One all-reduce per
+    tensor: simple, not fast (DDP would bucket them)."""
+    shard_ids = {id(p) for p in shards}
+    for p in model.parameters():
+        if p.grad is None:          # every rank must join every all-reduce
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=replica_group if id(p) in shard_ids else None)
+        p.grad.div_(world)
+
+
+def clip_grad_norm(model, shards: list, max_norm: float, ep_group):
+    """clip_grad_norm_ over the whole model while the shards are split over ep_group: the
+    replicated part is the same on every rank, the shards' squares are summed over the group."""
+    shard_ids = {id(p) for p in shards}
+    replicated = sum(p.grad.float().pow(2).sum() for p in model.parameters() if id(p) not in shard_ids)
+    split = sum(p.grad.float().pow(2).sum() for p in shards)
+    dist.all_reduce(split, group=ep_group)
+    coef = (max_norm / ((replicated + split).sqrt() + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        p.grad.mul_(coef.to(p.grad.dtype))
+
+
+def _shard_entries(optimizer, shards):
+    """The indices of the shard parameters in optimizer.state_dict()['state']."""
+    shard_ids = {id(p) for p in shards}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [i for i, p in enumerate(params) if id(p) in shard_ids]
+
+
+def gather_optimizer_state(optimizer, shards: list, ep_group) -> dict:
+    """optimizer.state_dict() with each shard's moments gathered into the full layer's
+    (collective over ep_group): the state a single-process optimizer loads."""
+    state = optimizer.state_dict()
+    state["state"] = dict(state["state"])
+    size = dist.get_world_size(ep_group)
+    for i in _shard_entries(optimizer, shards):
+        if i not in state["state"]:
+            continue
+        entry = dict(state["state"][i])
+        for key, value in entry.items():
+            if value.dim() > 0:                      # exp_avg, exp_avg_sq; not the step count
+                parts = [torch.empty_like(value) for _ in range(size)]
+                dist.all_gather(parts, value.contiguous(), group=ep_group)
+                entry[key] = torch.cat(parts)
+        state["state"][i] = entry
+    return state
+
+
+def shard_optimizer_state(state: dict, optimizer, shards: list, ep_group) -> dict:
+    """The inverse of gather_optimizer_state: this rank's rows of each shard's moments."""
+    state = {**state, "state": dict(state["state"])}
+    size, me = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    for i in _shard_entries(optimizer, shards):
+        if i in state["state"]:
+            state["state"][i] = {key: value.chunk(size)[me].clone() if value.dim() > 0 else value
+                                 for key, value in state["state"][i].items()}
+    return state

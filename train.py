@@ -6,6 +6,16 @@ torchrun), evaluation and log.jsonl, atomic checkpoints and exact resume, and th
 reclustering schedule (train as top-k for `warmup_iters`, then cluster + compress, then
 recluster every `recluster_interval`; the optimizer state follows the experts).
 The helpers every entry point shares (flag parsing, devices, checkpoints) live in cli.py.
+
+Expert parallelism (`--expert_parallel=N` under torchrun, N dividing the world size): the
+ranks form expert-parallel groups of N consecutive ranks, each splitting every MoE layer's
+bank N ways (ep.py), and replica groups (ranks holding the same shard). There is no DDP
+wrapper then: after backward, replicated parameters are averaged over all ranks and each
+shard's gradient is summed over its replicas and divided by the world size (`ep.sync_grads`).
+Checkpoints hold the full layers and the full optimizer state (gathered), so they load in
+one process; resume under expert parallelism re-shards. Every rank evaluates (a forward
+needs its whole group); the log's load CV and parameter counts are not measured then.
+Reclustering under expert parallelism is not implemented (moe=clustered is refused).
 """
 import json
 import math
@@ -22,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import ep
 from cli import load_model, parse_config, resolve_device, save_atomic
 from cluster import carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
@@ -59,6 +70,7 @@ class TrainConfig(GPTConfig):
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     dtype: str = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
+    expert_parallel: int = 1       # ranks that split each MoE layer's experts (torchrun; 1 = off)
     # clustering schedule (moe=clustered); the paper's settings
     warmup_iters: int = 200        # train as top-k MoE this long (burn-in), then cluster + compress
     recluster_interval: int = 100
@@ -100,7 +112,18 @@ class TrainConfig(GPTConfig):
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto|float32|bfloat16"),
             (self.cluster_mode in CLUSTER_MODES, f"cluster_mode must be one of {CLUSTER_MODES}"),
             (self.kmeans_restarts >= 0, "kmeans_restarts must be >= 0"),
+            (self.expert_parallel >= 1, "expert_parallel must be >= 1"),
         ]
+        if self.expert_parallel > 1:
+            rules += [
+                (self.moe == "topk", "reclustering under expert parallelism is not implemented: "
+                 "--expert_parallel needs --moe=topk"),
+                (self.n_experts % self.expert_parallel == 0,
+                 f"n_experts ({self.n_experts}) must be divisible by expert_parallel "
+                 f"({self.expert_parallel})"),
+                (self.capacity_factor == 0, "expert parallelism is dropless: capacity_factor must be 0"),
+                ("RANK" in os.environ, "--expert_parallel > 1 needs torchrun (RANK is not set)"),
+            ]
         for ok, message in rules:
             if not ok:
                 raise ValueError(f"bad train config: {message}")
@@ -212,13 +235,28 @@ class Interval:
 
 
 def setup_distributed(cfg: TrainConfig):
-    """-> (ddp, rank, world, device, dtype). DDP when launched by torchrun (RANK is set)."""
+    """-> (ddp, rank, world, device, dtype). Distributed when launched by torchrun (RANK is
+    set): gloo on --device=cpu, else NCCL with one GPU per process."""
     if int(os.environ.get("RANK", -1)) == -1:
         return (False, 0, 1, *resolve_device(cfg.device, cfg.dtype))
+    if cfg.device == "cpu":
+        dist.init_process_group("gloo")
+        return True, dist.get_rank(), dist.get_world_size(), "cpu", resolve_device("cpu", cfg.dtype)[1]
     dist.init_process_group("nccl")
     device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device, resolve_device("cuda", cfg.dtype)[1]
+
+
+def expert_parallel_groups(rank: int, world: int, size: int):
+    """-> (this rank's expert-parallel group: `size` consecutive ranks that split the experts,
+    its replica group: the ranks at the same position in every expert-parallel group, which
+    hold the same shard). new_group is collective: every rank creates every group, in order."""
+    if world % size:
+        raise ValueError(f"world size ({world}) must be a multiple of expert_parallel ({size})")
+    ep_groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
+    replicas = [dist.new_group(list(range(pos, world, size))) for pos in range(size)]
+    return ep_groups[rank // size], replicas[rank % size]
 
 
 def load_data(cfg: TrainConfig, master: bool, ddp: bool):
@@ -309,19 +347,38 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         model, ckpt = load_model(out_dir / "ckpt.pt", device)
         start_iter = ckpt["iter"]
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        batch_gen.set_state(ckpt["rng"]["batches"].cpu())
-        if "cuda" in ckpt["rng"] and device.startswith("cuda"):
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        # Each rank's own streams (older checkpoints, or another world size: rank 0's).
+        rngs = ckpt.get("rng_ranks", [])
+        rng = rngs[rank] if len(rngs) == world else ckpt["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        batch_gen.set_state(rng["batches"].cpu())
+        if "cuda" in rng and device.startswith("cuda"):
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
     else:
         model = GPT(cfg.model_config()).to(device)
+
+    # Expert parallelism: every rank starts from rank 0's weights (no DDP to broadcast them),
+    # then keeps only its shard of each bank.
+    expert_parallel = cfg.expert_parallel > 1
+    shards, ep_buffers = [], {}
+    if expert_parallel:
+        ep_group, replica_group = expert_parallel_groups(rank, world, cfg.expert_parallel)
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+        ep_buffers = ep.parallelize(model, ep_group)
+        shards = [p for block in model.blocks for p in block.ffn.bank.parameters()]
     optimizer = build_optimizer(model, cfg)
     if cfg.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["optimizer"]
+        if expert_parallel:
+            state = ep.shard_optimizer_state(state, optimizer, shards, ep_group)
+        optimizer.load_state_dict(state)
 
     # Compile once: after a recluster swaps a layer's bank, dynamo's guards retrace by themselves.
     compiled = torch.compile(model) if cfg.compile else model
-    wrap = lambda: DDP(compiled, device_ids=[device]) if ddp else compiled
+    use_ddp = ddp and not expert_parallel
+    device_ids = [device] if device.startswith("cuda") else None
+    wrap = lambda: DDP(compiled, device_ids=device_ids) if use_ddp else compiled
     runner = wrap()
     autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     layers = model.moe_layers()
@@ -351,14 +408,18 @@ def train(cfg: TrainConfig) -> dict:
             group["lr"] = lr
         for micro in range(cfg.grad_accum):
             x, y = data.get_batch(train_tokens, cfg.batch_size, cfg.block_size, device, batch_gen)
-            sync = nullcontext() if not ddp or micro == cfg.grad_accum - 1 else runner.no_sync()
+            sync = nullcontext() if not use_ddp or micro == cfg.grad_accum - 1 else runner.no_sync()
             with sync, autocast:
                 _, lm_loss, aux = runner(x, y)
                 loss = (lm_loss + aux) / cfg.grad_accum
             loss.backward()
             interval.add_micro_step(lm_loss, layers, cfg.grad_accum)
         interval.steps += 1
-        if cfg.grad_clip > 0:
+        if expert_parallel:
+            ep.sync_grads(model, shards, world, replica_group)
+        if cfg.grad_clip > 0 and expert_parallel:
+            ep.clip_grad_norm(model, shards, cfg.grad_clip, ep_group)
+        elif cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -374,19 +435,30 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}")
 
         # Close the eval interval: rank 0 evaluates, logs and checkpoints; every rank restarts
-        # its interval (and the clock).
+        # its interval (and the clock). Under expert parallelism every rank evaluates (each
+        # forward needs its whole group) and gathers the full model and optimizer state.
         if eval_now:
-            if master:
+            if master or expert_parallel:
                 record = close_interval(model, cfg, it, lr, train_loss, interval, val_tokens, meta,
                                         world, device, autocast)
+            if expert_parallel:
+                model_state = ep.full_state_dict(model, ep_buffers)
+                optimizer_state = ep.gather_optimizer_state(optimizer, shards, ep_group)
+            else:
+                model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+            rngs = [rng_state(batch_gen)]
+            if ddp:
+                rngs = [None] * world
+                dist.all_gather_object(rngs, rng_state(batch_gen))
+            if master:
                 with open(out_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.write(f"iter {it + 1}: train {train_loss:.4f} val {record['val_loss']:.4f} "
                           f"ppl {record['val_ppl']:.1f} tok/s {record['tokens_per_sec']:.0f} "
                           f"load_cv {record['load_cv']:.3f}")
-                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "config": asdict(cfg), "iter": it + 1, "rng": rng_state(batch_gen)},
-                            out_dir / "ckpt.pt")
+                save_atomic({"model": model_state, "optimizer": optimizer_state,
+                             "config": asdict(cfg), "iter": it + 1, "rng": rngs[0],
+                             "rng_ranks": rngs}, out_dir / "ckpt.pt")
             interval.reset()
     if ddp:
         dist.destroy_process_group()

@@ -1,0 +1,124 @@
+"""train.py --expert_parallel: one step's gradients (and clipping) on W CPU processes (gloo)
+against one process, and torchrun end to end: the checkpoint is a full single-process model,
+and 2 + resume 2 iterations equal 4."""
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ep
+from cli import load_model
+from model import GPT, GPTConfig
+from train import TrainConfig, build_optimizer, expert_parallel_groups, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = dict(n_layer=2, n_head=2, n_embd=16, ffn_hidden=24, n_experts=4, top_k=2, block_size=16,
+           vocab_size=64, moe="topk", moe_impl="loop")
+B = 2
+
+
+def _loss(model, idx):
+    _, lm, aux = model(idx[:, :-1], idx[:, 1:])
+    return lm + aux
+
+
+def _check(rank, world, size):
+    torch.manual_seed(0)
+    full = GPT(GPTConfig(**CFG))
+    for block in full.blocks:                       # outputs large enough to compare
+        block.ffn.bank.w2.data.normal_(0, 0.3)
+    model = copy.deepcopy(full)
+    idx = torch.randint(0, CFG["vocab_size"], (world, B, CFG["block_size"] + 1),
+                        generator=torch.Generator().manual_seed(1))
+    # The reference: the mean over ranks of each rank's loss (LM mean + aux on its tokens).
+    sum(_loss(full, idx[r]) for r in range(world)).div(world).backward()
+
+    ep_group, replica_group = expert_parallel_groups(rank, world, size)
+    ep.parallelize(model, ep_group)
+    shards = [p for block in model.blocks for p in block.ffn.bank.parameters()]
+    _loss(model, idx[rank]).backward()
+    ep.sync_grads(model, shards, world, replica_group)
+
+    def compare():
+        position = rank % size
+        for (name, p), (ref_name, ref) in zip(model.named_parameters(), full.named_parameters()):
+            assert name == ref_name
+            want = ref.grad
+            if any(p is s for s in shards):
+                want = want.chunk(size)[position]
+            torch.testing.assert_close(p.grad, want, msg=lambda m: f"{name}: {m}")
+    compare()
+    # Clipping sees the whole model's norm: the same scale as one process.
+    norm = torch.nn.utils.clip_grad_norm_(full.parameters(), 0.05)
+    assert norm > 0.05
+    ep.clip_grad_norm(model, shards, 0.05, ep_group)
+    compare()
+
+
+def _worker(rank, world, size, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _check(rank, world, size)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,size", [(2, 2), (4, 2)])
+def test_gradients_match_one_process(tmp_path, world, size):
+    mp.spawn(_worker, args=(world, size, str(tmp_path / "store")), nprocs=world)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out, *extra):
+    args = ["--n_layer=2", "--n_head=2", "--n_embd=16", "--ffn_hidden=16", "--n_experts=4",
+            "--block_size=16", "--batch_size=2", "--moe=topk", "--dropout=0", "--device=cpu",
+            "--expert_parallel=2", "--eval_interval=2", "--eval_iters=1", "--lr_warmup=1",
+            "--lr_decay_iters=4", "--lr=3e-3", f"--out_dir={out}", f"--data_dir={out.parent / 'data'}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "train.py", *args, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_torchrun_checkpoint_is_full_and_resume_is_exact(tmp_path):
+    _torchrun(tmp_path / "a", "--max_iters=4")
+    _torchrun(tmp_path / "b", "--max_iters=2")
+    _torchrun(tmp_path / "b", "--max_iters=4", "--resume")
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["iter"] == b["iter"] == 4 and len(a["rng_ranks"]) == 2
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+    # The checkpoint is the full model: one process loads it, runs it, and takes its optimizer.
+    model, ckpt = load_model(tmp_path / "a" / "ckpt.pt")
+    assert model.blocks[0].ffn.bank.w1.shape[0] == 4
+    logits, loss, _ = model(torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long))
+    assert torch.isfinite(loss)
+    cfg = TrainConfig(**ckpt["config"])
+    optimizer = build_optimizer(model, cfg)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert [optimizer.state[p]["exp_avg"].shape for p in params] == [p.shape for p in params]
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="reclustering under expert parallelism is not implemented"):
+        parse_config(TrainConfig, ["--expert_parallel=2", "--moe=clustered"]).validate()
+    with pytest.raises(ValueError, match="divisible by expert_parallel"):
+        parse_config(TrainConfig, ["--expert_parallel=3", "--moe=topk", "--n_experts=4"]).validate()
