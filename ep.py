@@ -1,7 +1,8 @@
 """Expert parallelism: each rank holds 1/W of a MoE layer's experts, and tokens travel to the
 ranks that own their experts and back (a torchtitan-style token dispatcher).
 
-Owns: the differentiable all-to-all (`AllToAll`), the counts exchange, expert placement
+Owns: the differentiable all-to-all (`AllToAll`), the counts exchange, the process groups
+(`expert_parallel_groups`), expert placement
 (contiguous blocks of E/W experts per rank; for the clustered bank whole clusters, G/W per
 rank), `ExpertParallelMoE` (one model.MoE layer spread over a process group),
 `shard_state` / `gather_state` (a layer's bank <-> one rank's slice of it), and for a whole
@@ -294,3 +295,14 @@ def shard_optimizer_state(state: dict, optimizer, shards: list, ep_group) -> dic
             state["state"][i] = {key: value.chunk(size)[me].clone() if value.dim() > 0 else value
                                  for key, value in state["state"][i].items()}
     return state
+
+
+def expert_parallel_groups(rank: int, world: int, size: int):
+    """-> (this rank's expert-parallel group: `size` consecutive ranks that split the experts,
+    its replica group: the ranks at the same position in every expert-parallel group, which
+    hold the same shard). new_group is collective: every rank creates every group, in order."""
+    if world % size:
+        raise ValueError(f"world size ({world}) must be a multiple of expert_parallel ({size})")
+    ep_groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
+    replicas = [dist.new_group(list(range(pos, world, size))) for pos in range(size)]
+    return ep_groups[rank // size], replicas[rank % size]

@@ -1,21 +1,15 @@
 """Train a dense, top-k MoE, or clustered MoE GPT.  `python train.py --help` lists the flags.
 
-Owns: TrainConfig and its `--field=value` parsing, the training loop (AdamW, warmup +
+Owns: TrainConfig and its presets, the training loop (AdamW, warmup +
 cosine LR, clipping, accumulation, bf16 autocast, optional torch.compile, DDP under
 torchrun), evaluation and log.jsonl, atomic checkpoints and exact resume, and the
 reclustering schedule (train as top-k for `warmup_iters`, then cluster + compress, then
 recluster every `recluster_interval`; the optimizer state follows the experts).
 The helpers every entry point shares (flag parsing, devices, checkpoints) live in cli.py.
 
-Expert parallelism (`--expert_parallel=N` under torchrun, N dividing the world size): the
-ranks form expert-parallel groups of N consecutive ranks, each splitting every MoE layer's
-bank N ways (ep.py), and replica groups (ranks holding the same shard). There is no DDP
-wrapper then: after backward, replicated parameters are averaged over all ranks and each
-shard's gradient is summed over its replicas and divided by the world size (`ep.sync_grads`).
-Checkpoints hold the full layers and the full optimizer state (gathered), so they load in
-one process; resume under expert parallelism re-shards. Every rank evaluates (a forward
-needs its whole group); the log's load CV and parameter counts are not measured then.
-Reclustering under expert parallelism is not implemented (moe=clustered is refused).
+Expert parallelism (`--expert_parallel=N` under torchrun, top-k): no DDP wrapper; ep.py
+splits each bank over groups of N ranks, syncs gradients and gathers full checkpoints.
+Every rank evaluates then; load CV and parameter counts are not logged under it.
 """
 import json
 import math
@@ -248,17 +242,6 @@ def setup_distributed(cfg: TrainConfig):
     return True, dist.get_rank(), dist.get_world_size(), device, resolve_device("cuda", cfg.dtype)[1]
 
 
-def expert_parallel_groups(rank: int, world: int, size: int):
-    """-> (this rank's expert-parallel group: `size` consecutive ranks that split the experts,
-    its replica group: the ranks at the same position in every expert-parallel group, which
-    hold the same shard). new_group is collective: every rank creates every group, in order."""
-    if world % size:
-        raise ValueError(f"world size ({world}) must be a multiple of expert_parallel ({size})")
-    ep_groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
-    replicas = [dist.new_group(list(range(pos, world, size))) for pos in range(size)]
-    return ep_groups[rank // size], replicas[rank % size]
-
-
 def load_data(cfg: TrainConfig, master: bool, ddp: bool):
     """Rank 0 prepares (downloads, tokenizes) while the others wait; all then memory-map."""
     if master:
@@ -362,7 +345,7 @@ def train(cfg: TrainConfig) -> dict:
     expert_parallel = cfg.expert_parallel > 1
     shards, ep_buffers = [], {}
     if expert_parallel:
-        ep_group, replica_group = expert_parallel_groups(rank, world, cfg.expert_parallel)
+        ep_group, replica_group = ep.expert_parallel_groups(rank, world, cfg.expert_parallel)
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, 0)
         ep_buffers = ep.parallelize(model, ep_group)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import ep
 from cli import load_model
 from model import GPT, GPTConfig
-from train import TrainConfig, build_optimizer, expert_parallel_groups, parse_config
+from train import TrainConfig, build_optimizer, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(n_layer=2, n_head=2, n_embd=16, ffn_hidden=24, n_experts=4, top_k=2, block_size=16,
@@ -40,7 +40,7 @@ def _check(rank, world, size):
     # The reference: the mean over ranks of each rank's loss (LM mean + aux on its tokens).
     sum(_loss(full, idx[r]) for r in range(world)).div(world).backward()
 
-    ep_group, replica_group = expert_parallel_groups(rank, world, size)
+    ep_group, replica_group = ep.expert_parallel_groups(rank, world, size)
     ep.parallelize(model, ep_group)
     shards = [p for block in model.blocks for p in block.ffn.bank.parameters()]
     _loss(model, idx[rank]).backward()
