@@ -29,13 +29,14 @@ import torch
 
 import bench_decode
 import data
-from bench_layers import bench_layers, build_model, free_memory, peak_mib, profile_layers, timed
+from bench_layers import (bench_layers, build_model, free_memory, peak_mib, profile_layers, timed,
+                          train_speed)
 from bench_quality import (beyond_noise, grid_variants, read_log, routing_stats, run_grid,
                            run_variants, summarize)
 from cli import load_model, parse_config
 from offload import ClusterOffloader
 from quant import quantize_model
-from train import PRESETS, TrainConfig, evaluate
+from train import PRESETS, TrainConfig, evaluate, peak_flops
 
 
 @dataclass
@@ -63,6 +64,8 @@ class BenchConfig:
     big_embd: int = 1024
     big_hidden: int = 2048
     offload_clusters: int = 4      # offload budget, in cluster entries
+    model_blocks: str = ""         # models section: block sizes, comma-separated ('' = the preset's)
+    compile_models: bool = True    # models section: torch.compile the train step (CUDA)
     # quality
     dataset: str = "shakespeare"   # as train.py: a name, or folders/zips of .txt, comma-separated
     data_dir: str = "data"
@@ -104,35 +107,42 @@ def _model_config(cfg: BenchConfig, moe: str, big: bool = False) -> TrainConfig:
     return tc
 
 
+MODEL_VARIANTS = (("dense", {"moe": "dense"}), ("topk", {"moe": "topk"}),
+                  ("clustered", {"moe": "clustered"}),
+                  ("clustered, fused", {"moe": "clustered", "moe_impl": "fused"}))
+
+
 def bench_models(cfg: BenchConfig, device) -> list[dict]:
-    """Default-size models: parameters, train step (fwd+bwd+AdamW) and inference tokens/s."""
+    """Whole models, each alone on the device (train.py's default size, or --preset's), at
+    each of `model_blocks`: parameters, train tokens/s (compiled with --compile_models),
+    the ratio to top-k in the same run, MFU, peak memory in training, the first clustering's
+    seconds, and eager inference (prefill) tokens/s."""
     rows = []
-    for moe in ("dense", "topk", "clustered"):
-        free_memory(device)
-        tc = _model_config(cfg, moe)
-        model = build_model(tc, device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        tokens = torch.randint(0, 50257, (tc.batch_size, tc.block_size + 1), device=device)
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-        def step():
-            with autocast:
-                _, loss, aux = model(x, y)
-            (loss + aux).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        def infer():
+    peak = peak_flops(device)
+    blocks = [int(b) for b in cfg.model_blocks.split(",")] if cfg.model_blocks else [0]
+    for block in blocks:
+        for name, overrides in MODEL_VARIANTS:
+            if overrides.get("moe_impl") == "fused" and device.type != "cuda":
+                continue  # the Triton combine is CUDA-only; CPU would time the reference twice
+            tc = _model_config(cfg, overrides["moe"])
+            tc.moe_impl = overrides.get("moe_impl", tc.moe_impl)
+            tc.block_size = block or tc.block_size
+            tc.compile = cfg.compile_models and device.type == "cuda"
+            row = {"model": name, "block_size": tc.block_size, "batch_size": tc.batch_size,
+                   "compiled": tc.compile, **train_speed(tc, device, cfg.repeats, cfg.warmup, peak)}
+            model = build_model(tc, device).eval()
+            x = torch.randint(0, tc.vocab_size, (tc.batch_size, tc.block_size), device=device)
+            autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
             with torch.no_grad(), autocast:
-                model(x)
-        train_ms = timed(step, device, cfg.repeats, cfg.warmup)
-        row = {"model": moe, **model.param_counts(), "train_tokens_per_sec": x.numel() / train_ms * 1e3,
-               "train_peak_mib": peak_mib(device)}
-        model.eval()
-        row["infer_tokens_per_sec"] = x.numel() / timed(infer, device, cfg.repeats, cfg.warmup) * 1e3
-        rows.append(row)
-        del model, optimizer
+                ms = timed(lambda: model(x), device, cfg.repeats, cfg.warmup)
+            row["infer_tokens_per_sec"] = x.numel() / ms * 1e3
+            del model
+            rows.append(row)
+        top = next(r for r in rows if r["model"] == "topk" and r["block_size"] == rows[-1]["block_size"])
+        for row in rows[-len(MODEL_VARIANTS):]:
+            if row["block_size"] == top["block_size"]:
+                row["speed_vs_topk"] = row["train_tokens_per_sec"] / top["train_tokens_per_sec"]
+                row["infer_vs_topk"] = row["infer_tokens_per_sec"] / top["infer_tokens_per_sec"]
     return rows
 
 
@@ -291,11 +301,26 @@ def claims(results: dict) -> list[dict]:
             f"{clu['devices_per_token']:.2f}", _verdict(clu["devices_per_token"] < top["devices_per_token"]))
         add("INT4 perplexity change", "small", f"{clu['int4_ppl_change']:+.2%}",
             _verdict(abs(clu["int4_ppl_change"]) <= 0.01))
-    models = {r["model"]: r for r in results.get("models", [])}
-    if "topk" in models and "clustered" in models and not (top and quality.get("parallel", 1) <= 1):
-        speed = models["clustered"]["train_tokens_per_sec"] / models["topk"]["train_tokens_per_sec"]
-        add("train throughput vs top-k (models section, eager)", "+10-20%", f"{speed:.2f}x",
-            _verdict(speed >= 1.1))
+    models = {(r["model"], r["block_size"]): r for r in results.get("models", [])}
+    for (name, block), row in models.items():
+        top, dense = models.get(("topk", block)), models.get(("dense", block))
+        how = f"block {block}, {'compiled' if row['compiled'] else 'eager'}"
+        if name.startswith("clustered") and top:
+            add(f"train throughput vs top-k ({name}, {how})", "+10-20%", f"{row['speed_vs_topk']:.2f}x",
+                _verdict(row["speed_vs_topk"] >= 1.1))
+            add(f"inference (prefill) vs top-k ({name}, block {block})", "faster",
+                f"{row['infer_vs_topk']:.2f}x", _verdict(row["infer_vs_topk"] >= 1.0))
+        if name == "topk" and dense:
+            speed = row["train_tokens_per_sec"] / dense["train_tokens_per_sec"]
+            add(f"top-k vs dense of equal active width ({how})", "(ours: >= 0.8x)", f"{speed:.2f}x",
+                _verdict(speed >= 0.8))
+        if name == "dense" and row.get("mfu") is not None:
+            add(f"dense model FLOPs utilization ({how})", "(ours: >= 40%)", f"{row['mfu']:.1%}",
+                _verdict(row["mfu"] >= 0.4))
+        if name == "clustered" and "first_recluster_s" in row and \
+                results.get("config", {}).get("preset") == "paper":
+            add(f"first clustering, wall time (block {block})", "(ours: <= 3 s at the paper's size)",
+                f"{row['first_recluster_s']:.2f} s", _verdict(row["first_recluster_s"] <= 3))
     infer = {(r["size"], r["model"]): r for r in results.get("inference", [])}
     for size in ("default", "large"):
         off, top_r, den_r = (infer.get((size, m)) for m in ("clustered+int4+offload", "topk", "dense"))
@@ -329,10 +354,11 @@ SECTIONS = {
                ["layer", "ms", "tokens_per_sec", "speed_vs_topk", "ms_vs_minimal"]),
     "profile": (lambda cfg, device, out: profile_layers(cfg, device), None, None),
     "models": (lambda cfg, device, out: bench_models(cfg, device),
-               lambda cfg, env: f"Whole models ({cfg.preset or 'default'} size), eager "
-                                f"(train = fwd+bwd+AdamW step):",
-               ["model", "total_params", "active_params", "expert_params", "train_tokens_per_sec",
-                "infer_tokens_per_sec", "train_peak_mib"]),
+               lambda cfg, env: f"Whole models ({cfg.preset or 'default'} size, each alone, train = "
+                                f"fwd+bwd+AdamW, batch {cfg.batch_size}; {env['device']}):",
+               ["model", "block_size", "compiled", "total_params", "active_params", "train_tokens_per_sec",
+                "speed_vs_topk", "mfu", "train_peak_mib", "first_recluster_s", "infer_tokens_per_sec",
+                "infer_vs_topk"]),
     "inference": (lambda cfg, device, out: bench_inference(cfg, device),
                   lambda cfg, env: f"Inference (prefill {cfg.batch_size} x block tokens, bf16 weights "
                                    f"on CUDA; offload budget {cfg.offload_clusters} clusters):",

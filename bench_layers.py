@@ -6,6 +6,8 @@ variants at one setting (dense FFN, `MinimalTopK` as the yardstick, top-k and cl
 grouped and loop paths, the clustered layer with fused.gelu_combine on CUDA), their
 forward+backward timing, optionally torch.compile'd, and a torch.profiler table of the
 kernels that dominate each grouped layer.
+Also `train_speed`: one whole model's train step timed alone (bench.py's models section,
+and the per-variant speed of a grid whose runs shared the GPU).
 Does not own: the setting itself (bench.BenchConfig: tokens, n_embd, ffn_hidden,
 n_experts, top_k, n_clusters, rank, repeats, warmup, seed, compile_layers) or whole models.
 """
@@ -36,17 +38,52 @@ def peak_mib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
 
-def build_model(tc, device, dtype=None) -> GPT:
+def build_model(tc, device, dtype=None, timings: dict | None = None) -> GPT:
     """A random-init model of a train.TrainConfig on `device`; clustered ones are clustered +
-    compressed right away (random input means stand in for the statistics training collects)."""
+    compressed right away (random input means stand in for the statistics training collects).
+    timings, if given, gets 'first_recluster_s': the wall time of that first clustering."""
     torch.manual_seed(tc.seed)
     with torch.device(device):
         model = GPT(tc.model_config())
     if tc.moe == "clustered":
         for layer in model.moe_layers():
             layer.input_mean.normal_()
+        t0 = time.perf_counter()
         recluster_model(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if timings is not None:
+            timings["first_recluster_s"] = time.perf_counter() - t0
     return model.to(dtype) if dtype else model
+
+
+def train_speed(tc, device, repeats: int = 20, warmup: int = 5, peak: float | None = None) -> dict:
+    """One model of a TrainConfig alone on the device: median train step (forward, backward,
+    fused AdamW, bf16 autocast on CUDA; torch.compile if tc.compile) on random tokens ->
+    train tokens/s, peak MiB, MFU (model FLOPs over `peak` FLOP/s, None without one),
+    parameters, and for clustered models the first clustering's seconds."""
+    free_memory(device)
+    timings = {}
+    model = build_model(tc, device, timings=timings)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    runner = torch.compile(model) if tc.compile and device.type == "cuda" else model
+    tokens = torch.randint(0, tc.vocab_size, (tc.batch_size, tc.block_size + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            _, loss, aux = runner(x, y)
+        (loss + aux).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    ms = timed(step, device, repeats, warmup + (3 if runner is not model else 0))
+    rate = x.numel() / ms * 1e3
+    result = {**model.param_counts(), "train_tokens_per_sec": rate, "train_peak_mib": peak_mib(device),
+              "mfu": model.flops_per_token() * rate / peak if peak else None, **timings}
+    del model, optimizer, runner
+    free_memory(device)
+    return result
 
 
 def timed(fn, device, repeats: int, warmup: int) -> float:

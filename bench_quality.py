@@ -16,12 +16,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
 import data
+from bench_layers import train_speed
 from model import GPT
 from train import TrainConfig, train
 
@@ -142,14 +143,41 @@ def routing_stats(model: GPT, val, tc: TrainConfig, device, n_batches: int) -> d
             "devices_per_token": sum(devices_per_token) / len(devices_per_token)}
 
 
-def glue_score(tc: TrainConfig, glue: dict) -> float:
-    """One fine-tuning of a trained run's checkpoint on one GLUE task -> its official score."""
-    from eval_glue import GlueConfig, finetune_and_evaluate  # an entry point: import on use
-    cfg = GlueConfig(**{**glue, "ckpt": str(Path(tc.out_dir) / "ckpt.pt"), "seeds": 1,
-                        "seed": tc.seed, "out": str(Path(tc.out_dir) / "glue.jsonl"),
-                        "device": tc.device}).validate()
-    summary = next(r for r in finetune_and_evaluate(cfg) if r.get("summary") and r["task"] != "average")
-    return summary["score"]["mean"]
+def _glue_summary(path: Path) -> float | None:
+    """The task score of a finished fine-tuning's glue.jsonl, or None if it has none."""
+    for line in reversed(_lines(path)):
+        record = json.loads(line)
+        if record.get("summary") and record["task"] != "average":
+            return record["score"]["mean"]
+    return None
+
+
+def glue_scores(runs: list[TrainConfig], glue: dict, parallel: int = 1) -> list[float]:
+    """Fine-tune each trained run's checkpoint once on one GLUE task (eval_glue.py as a
+    subprocess, `parallel` at a time, fine-tuning seed = training seed) -> official scores.
+    Resumable: a run whose glue.jsonl holds a summary is not fine-tuned again."""
+    todo = [tc for tc in runs if _glue_summary(Path(tc.out_dir) / "glue.jsonl") is None]
+    active = []
+    while todo or active:
+        while todo and len(active) < max(1, parallel):
+            tc = todo.pop(0)
+            out = Path(tc.out_dir) / "glue.jsonl"
+            out.unlink(missing_ok=True)
+            flags = {**glue, "ckpt": Path(tc.out_dir) / "ckpt.pt", "seeds": 1, "seed": tc.seed,
+                     "out": out, "device": tc.device}
+            log = open(Path(tc.out_dir) / "glue.out", "w")
+            proc = subprocess.Popen([sys.executable, str(ROOT / "eval_glue.py"),
+                                     *[f"--{k}={v}" for k, v in flags.items()]],
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            active.append((proc, tc, log))
+        time.sleep(0.5)
+        for item in [a for a in active if a[0].poll() is not None]:
+            active.remove(item)
+            item[2].close()
+            if item[0].returncode != 0:
+                tail = (Path(item[1].out_dir) / "glue.out").read_text()[-2000:]
+                raise RuntimeError(f"GLUE fine-tuning of {item[1].out_dir} failed:\n{tail}")
+    return [_glue_summary(Path(tc.out_dir) / "glue.jsonl") for tc in runs]
 
 
 def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: Path,
@@ -166,6 +194,9 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
             grid[name, i] = TrainConfig(**{**base.__dict__, **overrides, "seed": base.seed + i,
                                            "out_dir": str(out / f"{slug}_s{i}")})
     run_grid(list(grid.values()), parallel)
+    if glue:
+        runs = list(grid.values())
+        scores_by_run = {tc.out_dir: v for tc, v in zip(runs, glue_scores(runs, glue, parallel))}
     rows = []
     for name in variants:
         logs = [read_log(grid[name, i]) for i in range(seeds)]
@@ -186,9 +217,14 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
         row["shock_max"] = max(shocks, key=abs) if shocks else None
         speeds = [statistics.median([r["tokens_per_sec"] for r in log[1:]] or [log[-1]["tokens_per_sec"]])
                   for log in logs]
-        row["train_tokens_per_sec"] = statistics.fmean(speeds) if parallel <= 1 else None
+        # Parallel runs share the GPU, so their logged speed means nothing: time the variant
+        # alone instead (same model and batch, random tokens), eager: compiling every variant
+        # would cost more than the timing (bench.py's models section times compiled models).
+        row["train_tokens_per_sec"] = statistics.fmean(speeds) if parallel <= 1 else \
+            train_speed(replace(tc, compile=False), torch.device(tc.device))["train_tokens_per_sec"]
+        row["speed_measured"] = "from the training log" if parallel <= 1 else "alone, eager"
         if glue:
-            scores = [glue_score(grid[name, i], glue) for i in range(seeds)]
+            scores = [scores_by_run[grid[name, i].out_dir] for i in range(seeds)]
             s = summarize(scores)
             row["glue"], row["glue_std"], row["glue_seeds"] = s["mean"], s["std"], scores
         row["val_loss_curve"] = [[r["iter"], r["val_loss"]] for r in logs[0]]
