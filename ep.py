@@ -7,11 +7,14 @@ Owns: the differentiable all-to-all (`AllToAll`), the counts exchange, the proce
 rank), `ExpertParallelMoE` (one model.MoE layer spread over a process group),
 `shard_state` / `gather_state` (a layer's bank <-> one rank's slice of it), and for a whole
 GPT: `parallelize`, `full_state_dict`, the gradient sync and clipping that replace DDP's,
-and the optimizer state of the shards gathered / re-sliced (train.py sets up the groups).
+the optimizer state of the shards gathered / re-sliced (train.py sets up the groups), and
+reclustering under expert parallelism (`recluster_model`: gather the layer and its moments,
+regroup, keep this rank's slice again).
 Does not own: routing math (router.py), expert compute (experts.py: the shard runs the same
 ExpertBank / ClusteredBank forward on a smaller bank), the router's gradient all-reduce (the
-router is replicated: it is a data-parallel parameter like attention's), reclustering
-(cluster.py regroups a full layer: gather, recluster, shard again), running statistics.
+router is replicated: it is a data-parallel parameter like attention's), the regrouping
+itself (cluster.recluster, run on the gathered full layer), running statistics (model.MoE's
+code, on this rank's tokens).
 
 Shapes: N local tokens, d model width, h expert width, E experts, G clusters, m = E / G,
 r rank, k experts per token, W world size, E_r = E / W experts per rank, S rows this rank
@@ -31,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from cluster import carry_rows, recluster
 from experts import ClusteredBank, ExpertBank
 from model import MoE
 from router import Routing, count
@@ -79,9 +83,10 @@ def shard_state(layer: MoE, rank: int, world: int) -> dict:
 
 @torch.no_grad()
 def gather_state(ep: "ExpertParallelMoE") -> dict:
-    """The full layer's parameters, in model.MoE's state_dict names (router.weight,
-    cluster_router, bank.*), gathered from every rank's shard: what a checkpoint holds."""
+    """The full layer's state, in model.MoE's state_dict names (router.weight, cluster_router,
+    bank.*, the statistics buffers), gathered from every rank's shard: what a checkpoint holds."""
     state = {"router.weight": ep.router.weight.detach().clone()}
+    state.update({name: buf.clone() for name, buf in ep._buffers.items()})
     if ep.cluster_router is not None:
         state["cluster_router"] = ep.cluster_router.detach().clone()
     for name, shard in ep.bank.state_dict().items():
@@ -107,6 +112,8 @@ class ExpertParallelMoE(nn.Module):
     # cluster_router and has_clusters, which this module has too.
     route = MoE.route
     cluster_logits = MoE.cluster_logits
+    _record = MoE._record
+    clustered = MoE.clustered
 
     def __init__(self, layer: MoE, group=None):
         super().__init__()
@@ -137,16 +144,47 @@ class ExpertParallelMoE(nn.Module):
         self.router.weight.data.copy_(layer.router.weight.detach())
         self.cluster_router = None if layer.cluster_router is None else \
             nn.Parameter(layer.cluster_router.detach().clone())
+        self.bank = self._local_bank(layer)
+        # The running statistics (loads, input means, probe) are model.MoE's, recorded from
+        # this rank's tokens by model.MoE's own code; train.py broadcasts rank 0's before a
+        # recluster, as it does for data parallelism.
+        for name, buf in layer.named_buffers(recurse=False):
+            self.register_buffer(name, buf.detach().clone())
+        self.stats_rate = layer.stats_rate
+        self.bytes_sent = {"dispatch": 0, "combine": 0}
+
+    def _local_bank(self, layer: MoE):
+        """This rank's slice of a full layer's bank, as a bank of the same kind."""
+        bank, cfg = layer.bank, layer.cfg
         if isinstance(bank, ClusteredBank):
-            local = ClusteredBank(n_groups // self.world, bank.m, cfg.n_embd, cfg.ffn_hidden,
+            local = ClusteredBank(bank.n_clusters // self.world, bank.m, cfg.n_embd, cfg.ffn_hidden,
                                   bank.rank)
             local.combine = bank.combine
         else:
             local = ExpertBank(self.experts_per_rank, cfg.n_embd, cfg.ffn_hidden)
         local.matmul = bank.matmul
         local.load_state_dict(shard_state(layer, self.rank, self.world))
-        self.bank = local.to(layer.router.weight.device)
-        self.bytes_sent = {"dispatch": 0, "combine": 0}
+        return local.to(layer.router.weight.device)
+
+    @torch.no_grad()
+    def adopt(self, layer: MoE) -> bool:
+        """Take a full layer's new state (after a recluster): replicated tensors whole, the
+        bank's rows of this rank, in place where the parameters exist, so an optimizer keeps
+        them. -> whether parameters were created (the first clustering: a new bank and the
+        cluster router), which an optimizer must then be rebuilt for."""
+        created = False
+        if layer.cluster_router is not None and self.cluster_router is None:
+            self.cluster_router, created = nn.Parameter(layer.cluster_router.detach().clone()), True
+        elif layer.cluster_router is not None:
+            self.cluster_router.copy_(layer.cluster_router)
+        if type(layer.bank) is not type(self.bank):
+            self.bank, created = self._local_bank(layer), True
+        else:
+            self.bank.load_state_dict(shard_state(layer, self.rank, self.world))
+        self.router.weight.copy_(layer.router.weight)
+        for name, buf in layer.named_buffers(recurse=False):
+            getattr(self, name).copy_(buf)
+        return created
 
     @property
     def has_clusters(self) -> bool:
@@ -160,6 +198,7 @@ class ExpertParallelMoE(nn.Module):
             y = self.bank(x, routing)
         else:
             y = self._parallel(x, routing)
+        self._record(x, routing)
         return y.view(B, T, C), routing.aux_loss
 
     def _parallel(self, x, routing):
@@ -207,21 +246,15 @@ class ExpertParallelMoE(nn.Module):
         return out.new_zeros(x.shape[0], out.shape[1]).index_add(0, row, out)
 
 
-def parallelize(model, group) -> dict:
+def parallelize(model, group) -> None:
     """Swap every model.MoE of a GPT for an ExpertParallelMoE over `group` (in place; the full
-    banks are dropped). -> the swapped layers' buffers by state_dict key: the running
-    statistics, which this module does not update, kept so a gathered checkpoint
-    (`full_state_dict`) loads as a plain GPT."""
-    buffers = {}
-    for i, block in enumerate(model.blocks):
+    banks are dropped)."""
+    for block in model.blocks:
         if isinstance(block.ffn, MoE):
-            buffers.update({f"blocks.{i}.ffn.{name}": buf.detach().clone()
-                            for name, buf in block.ffn.named_buffers()})
             block.ffn = ExpertParallelMoE(block.ffn, group)
-    return buffers
 
 
-def full_state_dict(model, buffers: dict) -> dict:
+def full_state_dict(model) -> dict:
     """A parallelized GPT's state_dict with every layer's bank gathered (collective: every
     rank of each expert-parallel group calls it): what a single-process GPT loads."""
     state = model.state_dict()
@@ -231,7 +264,78 @@ def full_state_dict(model, buffers: dict) -> dict:
             for name in [k for k in state if k.startswith(prefix)]:
                 del state[name]
             state.update({prefix + k: v for k, v in gather_state(block.ffn).items()})
-    return {**state, **buffers}
+    return state
+
+
+def _gather_rows(state: dict, group) -> dict:
+    """One shard's optimizer state -> the full layer's (collective): moments concatenated over
+    the group's ranks in rank order, scalars (the step count) kept."""
+    out = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, value.contiguous(), group=group)
+            value = torch.cat(parts)
+        out[key] = value
+    return out
+
+
+def _rows_of(state: dict, rank: int, world: int) -> dict:
+    return {key: value.chunk(world)[rank].clone() if torch.is_tensor(value) and value.dim() > 0
+            else value for key, value in state.items()}
+
+
+@torch.no_grad()
+def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs) -> dict:
+    """cluster.recluster for an expert-parallel layer, with its optimizer state: every rank
+    gathers the full layer and the shards' moments, regroups it the same way (same
+    statistics, same seed: the result is identical on every rank), and keeps its slice
+    again. Experts that move to a cluster on another rank arrive there with their weights
+    (in the new factorization) and their state rows: the gathered moments are permuted and
+    re-zeroed by recluster's carry / reset exactly as one process would, then re-sliced.
+    kwargs: cluster.recluster's. -> recluster's result (its parameters are the temporary
+    full layer's), plus 'created': whether this layer's parameters were replaced (the first
+    clustering), so the optimizer must be rebuilt; their carried state is already in
+    optimizer.state."""
+    full = MoE(layer.cfg).to(layer.router.weight.device)
+    if layer.cluster_router is not None:
+        full.make_clustered()
+    full.load_state_dict(gather_state(layer))
+    states = {}
+    for name, param in layer.named_parameters():
+        if param in optimizer.state:   # the same on every rank: all step together
+            states[name] = optimizer.state[param]
+            if name.startswith("bank.") and layer.world > 1:
+                states[name] = _gather_rows(states[name], layer.group)
+    result = recluster(full, **kwargs)
+    name_of = {param: name for name, param in full.named_parameters()}
+    for param in result["reset"]:
+        states.pop(name_of[param], None)
+    for param, (index, keep) in result["carry"].items():
+        if name_of[param] in states:
+            states[name_of[param]] = carry_rows(states[name_of[param]], index, keep)
+    for param in layer.parameters():
+        optimizer.state.pop(param, None)
+    created = layer.adopt(full)
+    for name, param in layer.named_parameters():
+        if name in states:
+            state = states[name]
+            optimizer.state[param] = _rows_of(state, layer.rank, layer.world) \
+                if name.startswith("bank.") else state
+    return {**result, "created": created}
+
+
+def recluster_model(model, optimizer, alpha: float = 0.7, seed: int = 0, **kwargs) -> dict:
+    """cluster.recluster_model for a parallelized GPT (collective) -> {'moved', 'gain',
+    'skipped' (per layer), 'created'}; the optimizer state is already carried."""
+    total = {"moved": 0, "gain": [], "skipped": [], "created": False}
+    for i, layer in enumerate(model.moe_layers()):
+        result = recluster_layer(layer, optimizer, alpha=alpha, seed=seed + i, **kwargs)
+        total["moved"] += result["moved"]
+        total["gain"].append(result["gain"])
+        total["skipped"].append(result["skipped"])
+        total["created"] |= result["created"]
+    return total
 
 
 def sync_grads(model, shards: list, world: int, replica_group):

@@ -329,7 +329,8 @@ class GPT(nn.Module):
         init_weights(self, cfg.n_layer)
 
     def moe_layers(self) -> list[MoE]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+        """Every block's MoE layer (a model.MoE, or ep.ExpertParallelMoE once parallelized)."""
+        return [b.ffn for b in self.blocks if not isinstance(b.ffn, MLP)]
 
     def hidden_states(self, idx, cache: KVCache | None = None):
         """idx (B, T) -> final-norm hidden states (B, T, C) and the summed MoE aux loss.

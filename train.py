@@ -7,9 +7,11 @@ reclustering schedule (train as top-k for `warmup_iters`, then cluster + compres
 recluster every `recluster_interval`; the optimizer state follows the experts).
 The helpers every entry point shares (flag parsing, devices, checkpoints) live in cli.py.
 
-Expert parallelism (`--expert_parallel=N` under torchrun, top-k): no DDP wrapper; ep.py
-splits each bank over groups of N ranks, syncs gradients and gathers full checkpoints.
-Every rank evaluates then; load CV and parameter counts are not logged under it.
+Expert parallelism (`--expert_parallel=N` under torchrun, top-k or clustered): no DDP
+wrapper; ep.py splits each bank (experts, or whole clusters) over groups of N ranks, syncs
+gradients, reclusters (gather, regroup, re-slice, optimizer state included) and gathers full
+checkpoints. Every rank evaluates then; load CV is over rank 0's tokens, and the parameter
+counts in log.jsonl are one rank's (its slice of each bank).
 """
 import json
 import math
@@ -110,8 +112,13 @@ class TrainConfig(GPTConfig):
         ]
         if self.expert_parallel > 1:
             rules += [
-                (self.moe == "topk", "reclustering under expert parallelism is not implemented: "
-                 "--expert_parallel needs --moe=topk"),
+                (self.moe in ("topk", "clustered"), "--expert_parallel needs a MoE (topk or clustered)"),
+                (self.moe != "clustered" or self.n_clusters % self.expert_parallel == 0,
+                 f"n_clusters ({self.n_clusters}) must be divisible by expert_parallel "
+                 f"({self.expert_parallel}): each rank holds whole clusters"),
+                (self.moe != "clustered" or not self.compress or self.hierarchical,
+                 "a compressed clustered model under expert parallelism needs hierarchical "
+                 "routing (one cluster, so one rank, per token)"),
                 (self.n_experts % self.expert_parallel == 0,
                  f"n_experts ({self.n_experts}) must be divisible by expert_parallel "
                  f"({self.expert_parallel})"),
@@ -253,24 +260,25 @@ def load_data(cfg: TrainConfig, master: bool, ddp: bool):
 
 
 def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, out_dir: Path,
-                    shock_eval=None) -> dict:
+                    shock_eval=None, regroup=recluster_model) -> dict:
     """Regroup and re-factorize every MoE layer (all ranks, from rank 0's statistics, so
     every replica regroups identically). Rank 0 appends one line to reclusters.jsonl: experts
     moved, per-layer similarity gain and whether the regrouping was skipped, seconds, the
     membership, and the validation loss just before and after (`shock_eval`, the recluster
-    shock; its time is reported apart)."""
+    shock; its time is reported apart; every rank that gets one calls it). regroup:
+    cluster.recluster_model, or ep.recluster_model bound to the optimizer."""
     layers = model.moe_layers()
     if ddp:
         for layer in layers:
             for buf in layer.buffers():
                 dist.broadcast(buf, 0)
-    measure = shock_eval is not None and master and layers[0].has_clusters
+    measure = shock_eval is not None and layers[0].has_clusters
     t_shock = time.perf_counter()
     before = shock_eval() if measure else None
     t0 = time.perf_counter()
-    result = recluster_model(model, cfg.alpha, seed=cfg.seed + it, similarity=cfg.similarity,
-                             min_gain=cfg.min_gain, restarts=cfg.kmeans_restarts,
-                             random_groups=cfg.cluster_mode == "random")
+    result = regroup(model, alpha=cfg.alpha, seed=cfg.seed + it, similarity=cfg.similarity,
+                     min_gain=cfg.min_gain, restarts=cfg.kmeans_restarts,
+                     random_groups=cfg.cluster_mode == "random")
     t1 = time.perf_counter()
     after = shock_eval() if measure else None
     result["seconds"], result["shock_s"] = t1 - t0, (t0 - t_shock) + (time.perf_counter() - t1)
@@ -343,13 +351,14 @@ def train(cfg: TrainConfig) -> dict:
     # Expert parallelism: every rank starts from rank 0's weights (no DDP to broadcast them),
     # then keeps only its shard of each bank.
     expert_parallel = cfg.expert_parallel > 1
-    shards, ep_buffers = [], {}
+    shards = []
+    shard_params = lambda: [p for layer in model.moe_layers() for p in layer.bank.parameters()]
     if expert_parallel:
         ep_group, replica_group = ep.expert_parallel_groups(rank, world, cfg.expert_parallel)
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, 0)
-        ep_buffers = ep.parallelize(model, ep_group)
-        shards = [p for block in model.blocks for p in block.ffn.bank.parameters()]
+        ep.parallelize(model, ep_group)
+        shards = shard_params()
     optimizer = build_optimizer(model, cfg)
     if cfg.resume:
         state = ckpt["optimizer"]
@@ -374,12 +383,19 @@ def train(cfg: TrainConfig) -> dict:
         # clustering creates parameters, so only then are the optimizer and DDP rebuilt.
         if recluster_due(it, cfg):
             t_recluster = time.perf_counter()
-            shock = lambda: evaluate(model, val_tokens, cfg, device, autocast)
-            result = recluster_event(model, cfg, it, ddp, master, out_dir, shock)
-            carry_optimizer_state(optimizer, result)
-            if result["reset"]:
-                optimizer = build_optimizer(model, cfg, optimizer, result["reset"])
-                runner = wrap()
+            shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast)) \
+                if master or expert_parallel else None      # EP: each forward needs every rank
+            if expert_parallel:  # ep.py carries the optimizer state through gather and re-slice
+                regroup = lambda model, **kw: ep.recluster_model(model, optimizer, **kw)
+                result = recluster_event(model, cfg, it, ddp, master, out_dir, shock, regroup)
+                if result["created"]:
+                    optimizer, shards = build_optimizer(model, cfg, optimizer), shard_params()
+            else:
+                result = recluster_event(model, cfg, it, ddp, master, out_dir, shock)
+                carry_optimizer_state(optimizer, result)
+                if result["reset"]:
+                    optimizer = build_optimizer(model, cfg, optimizer, result["reset"])
+                    runner = wrap()
             interval.moved += result["moved"]
             interval.reset_loads()
             interval.recluster_s += time.perf_counter() - t_recluster - result["shock_s"]
@@ -425,7 +441,7 @@ def train(cfg: TrainConfig) -> dict:
                 record = close_interval(model, cfg, it, lr, train_loss, interval, val_tokens, meta,
                                         world, device, autocast)
             if expert_parallel:
-                model_state = ep.full_state_dict(model, ep_buffers)
+                model_state = ep.full_state_dict(model)
                 optimizer_state = ep.gather_optimizer_state(optimizer, shards, ep_group)
             else:
                 model_state, optimizer_state = model.state_dict(), optimizer.state_dict()

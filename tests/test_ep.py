@@ -121,3 +121,75 @@ def test_refuses_what_it_cannot_split():
     layer.cfg.capacity_factor = 1.0           # a capacity limit needs every rank's queues
     with pytest.raises(ValueError, match="capacity_factor"):
         ExpertParallelMoE(layer)
+
+
+def _moments(name: str, shape) -> dict:
+    """Made-up AdamW state for a full parameter, distinct per row so moves are visible."""
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    return {"step": torch.tensor(7.0), "exp_avg": torch.randn(shape, generator=gen),
+            "exp_avg_sq": torch.rand(shape, generator=gen)}
+
+
+def _recluster_check(rank, world):
+    """Two reclusters (the first clustering, then one that moves experts) of an expert-parallel
+    layer and of one full layer: same state, same optimizer moments, same outputs."""
+    from types import SimpleNamespace
+    from cluster import carry_optimizer_state
+    from ep import ExpertParallelMoE, _gather_rows, recluster_layer
+    torch.manual_seed(0)
+    cfg = GPTConfig(moe="clustered", n_embd=D, ffn_hidden=H, n_experts=E, top_k=K, n_clusters=G,
+                    rank=4, moe_impl="loop")
+    ref = MoE(cfg)
+    init_weights(ref, n_layer=1)
+    ref.input_mean.normal_()
+    ref.probe.normal_()
+    ref.probe_seen.fill_(ref.probe.shape[0])
+    layer = ExpertParallelMoE(ref)               # a copy: the full layer stays the reference
+    ref_opt, ep_opt = SimpleNamespace(state={}), SimpleNamespace(state={})
+    for name, p in ref.named_parameters():
+        ref_opt.state[p] = _moments(name, p.shape)
+    for name, p in layer.named_parameters():
+        full = _moments(name, ref.get_parameter(name).shape)
+        ep_opt.state[p] = {k: v.chunk(world)[rank] if name.startswith("bank.") and v.dim() else v
+                           for k, v in full.items()}
+
+    for round_, kwargs in enumerate([{}, {"alpha": 0.0, "min_gain": -1.0}]):
+        if round_ == 1:  # swap two experts' router rows across clusters (on both): they must move
+            for lay in (ref, layer):
+                rows = lay.router.weight.data
+                rows[[0, E // G]] = rows[[E // G, 0]]
+        result = recluster(ref, seed=3, **kwargs)
+        carry_optimizer_state(ref_opt, result)
+        got = recluster_layer(layer, ep_opt, seed=3, **kwargs)
+        assert got["moved"] == result["moved"]
+        assert got["created"] == (round_ == 0)
+        if round_ == 1:
+            assert result["moved"] > 0
+        gathered = gather_state(layer)
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(gathered[name], value, msg=lambda m: f"{round_} {name}: {m}")
+        for name, p in layer.named_parameters():
+            ref_p = ref.get_parameter(name)
+            if ref_p not in ref_opt.state:
+                assert p not in ep_opt.state, name
+                continue
+            state = _gather_rows(ep_opt.state[p], layer.group) if name.startswith("bank.") else ep_opt.state[p]
+            for key, value in ref_opt.state[ref_p].items():
+                torch.testing.assert_close(state[key], value, msg=lambda m: f"{round_} {name} {key}: {m}")
+    x_all, _ = _tokens(world)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x_all[rank * B:(rank + 1) * B])[0],
+                                   ref(x_all)[0][rank * B:(rank + 1) * B])
+
+
+def _recluster_worker(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _recluster_check(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_recluster_under_expert_parallelism_matches_one_process(tmp_path):
+    mp.spawn(_recluster_worker, args=(2, str(tmp_path / "store")), nprocs=2)

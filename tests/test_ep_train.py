@@ -82,6 +82,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+CLUSTERED = ["--moe=clustered", "--n_clusters=2", "--rank=2", "--warmup_iters=1",
+             "--recluster_interval=1", "--probe_tokens=16"]
+
+
 def _torchrun(out, *extra):
     args = ["--n_layer=2", "--n_head=2", "--n_embd=16", "--ffn_hidden=16", "--n_experts=4",
             "--block_size=16", "--batch_size=2", "--moe=topk", "--dropout=0", "--device=cpu",
@@ -94,10 +98,14 @@ def _torchrun(out, *extra):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_torchrun_checkpoint_is_full_and_resume_is_exact(tmp_path):
-    _torchrun(tmp_path / "a", "--max_iters=4")
-    _torchrun(tmp_path / "b", "--max_iters=2")
-    _torchrun(tmp_path / "b", "--max_iters=4", "--resume")
+@pytest.mark.parametrize("moe", ["topk", "clustered"])
+def test_torchrun_checkpoint_is_full_and_resume_is_exact(tmp_path, moe):
+    """Clustered: the first clustering at iteration 1, then a recluster every iteration (under
+    expert parallelism: gather, regroup, re-slice, optimizer state carried), across a resume."""
+    extra = CLUSTERED if moe == "clustered" else []
+    _torchrun(tmp_path / "a", "--max_iters=4", *extra)
+    _torchrun(tmp_path / "b", "--max_iters=2", *extra)
+    _torchrun(tmp_path / "b", "--max_iters=4", "--resume", *extra)
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert a["iter"] == b["iter"] == 4 and len(a["rng_ranks"]) == 2
@@ -107,7 +115,9 @@ def test_torchrun_checkpoint_is_full_and_resume_is_exact(tmp_path):
 
     # The checkpoint is the full model: one process loads it, runs it, and takes its optimizer.
     model, ckpt = load_model(tmp_path / "a" / "ckpt.pt")
-    assert model.blocks[0].ffn.bank.w1.shape[0] == 4
+    bank = model.blocks[0].ffn.bank
+    assert (bank.base1.shape[0] == 2 and int(model.blocks[0].ffn.n_reclusters) == 3) \
+        if moe == "clustered" else bank.w1.shape[0] == 4
     logits, loss, _ = model(torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long))
     assert torch.isfinite(loss)
     cfg = TrainConfig(**ckpt["config"])
@@ -118,7 +128,11 @@ def test_torchrun_checkpoint_is_full_and_resume_is_exact(tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="reclustering under expert parallelism is not implemented"):
-        parse_config(TrainConfig, ["--expert_parallel=2", "--moe=clustered"]).validate()
+    with pytest.raises(ValueError, match="needs a MoE"):
+        parse_config(TrainConfig, ["--expert_parallel=2", "--moe=dense"]).validate()
+    with pytest.raises(ValueError, match="n_clusters .* divisible by expert_parallel"):
+        parse_config(TrainConfig, ["--expert_parallel=4", "--n_clusters=2"]).validate()
+    with pytest.raises(ValueError, match="needs hierarchical"):
+        parse_config(TrainConfig, ["--expert_parallel=2", "--hierarchical=False"]).validate()
     with pytest.raises(ValueError, match="divisible by expert_parallel"):
         parse_config(TrainConfig, ["--expert_parallel=3", "--moe=topk", "--n_experts=4"]).validate()
