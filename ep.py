@@ -40,10 +40,25 @@ from model import MoE
 from router import Routing, count
 
 
+# bench_ep.py sets this to a list to time every exchange: (start, end) CUDA events around each.
+COMM_EVENTS = None
+
+
+def _all_to_all(out, x, recv_counts=None, send_counts=None, group=None):
+    timing = COMM_EVENTS is not None and x.is_cuda
+    if timing:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    dist.all_to_all_single(out, x, recv_counts, send_counts, group=group)
+    if timing:
+        end.record()
+        COMM_EVENTS.append((start, end))
+
+
 def _exchange(x, send_counts: list[int], recv_counts: list[int], group):
     """Rows of x in destination order -> rows received, in source-rank order."""
     out = x.new_empty(sum(recv_counts), *x.shape[1:])
-    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+    _all_to_all(out, x.contiguous(), recv_counts, send_counts, group)
     return out
 
 
@@ -68,7 +83,7 @@ def exchange_counts(send: torch.Tensor, group) -> tuple[list, list]:
     receives from each rank) as host lists of (W, c). all_to_all_single's split sizes are
     host integers, so this .tolist() is the forward's one host sync."""
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send.contiguous(), group=group)   # row j to / from rank j
+    _all_to_all(recv, send.contiguous(), group=group)               # row j to / from rank j
     both = torch.stack([send, recv]).tolist()
     return both[0], both[1]
 
@@ -342,14 +357,26 @@ def sync_grads(model, shards: list, world: int, replica_group):
     """Make every gradient that of the mean loss over all ranks (the loss is a mean per rank).
     Replicated parameters saw only this rank's tokens: average over all ranks. A shard's
     gradient already sums the losses of every rank in its expert-parallel group (their tokens
-    came to it): sum over its replicas and divide by the world size. One all-reduce per
-    tensor: simple, not fast (DDP would bucket them)."""
+    came to it): sum over its replicas and divide by the world size. Each kind goes as one
+    flat bucket (one all-reduce, as DDP's buckets do, not one per tensor); a replica group of
+    one rank needs no all-reduce at all."""
     shard_ids = {id(p) for p in shards}
     for p in model.parameters():
         if p.grad is None:          # every rank must join every all-reduce
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, group=replica_group if id(p) in shard_ids else None)
-        p.grad.div_(world)
+    replicated = [p.grad for p in model.parameters() if id(p) not in shard_ids]
+    sharded = [p.grad for p in shards]
+    alone = replica_group is not None and dist.get_world_size(replica_group) == 1
+    for grads, group, reduce in ((replicated, None, True), (sharded, replica_group, not alone)):
+        for dtype in {g.dtype for g in grads}:
+            bucket = [g for g in grads if g.dtype == dtype]
+            if reduce:
+                flat = torch.cat([g.flatten() for g in bucket])
+                dist.all_reduce(flat, group=group)
+                for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(part.view_as(g))
+            for g in bucket:
+                g.div_(world)
 
 
 def clip_grad_norm(model, shards: list, max_norm: float, ep_group):

@@ -1,0 +1,142 @@
+"""Expert parallelism, measured: one training step of top-k and clustered models under torchrun.
+
+    torchrun --nproc_per_node=2 bench_ep.py --preset=paper      # 2 GPUs, NCCL
+    torchrun --nproc_per_node=1 bench_ep.py --preset=paper      # the one-GPU baseline
+
+Owns: the expert-parallel benchmark. Every rank builds the same random-init model (clustered
+ones clustered at once, as bench.py does), ep.parallelize splits each bank over all ranks
+(expert-parallel group = the world; one rank: no split, no all-to-all), and times `steps`
+training steps (forward, backward, ep.sync_grads, fused AdamW; bf16 autocast on CUDA) on
+`batch_size` x block random tokens per rank. Per model, averaged over ranks:
+  step_ms              median step time (CUDA events)
+  tokens_per_sec       world * batch * block / step time
+  a2a_ms               time inside the exchanges of a step (the counts exchange and every
+                       all_to_all_single, forward and backward, CUDA events around each),
+                       waiting for the slowest rank included
+  a2a_mib              activation bytes a rank sends to OTHER ranks per step, forward
+                       (dispatch + combine rows, ExpertParallelMoE.bytes_sent); the backward
+                       sends the same again; the small gate / id exchanges are not counted
+  bytes_vs_topk        a2a_mib over top-k's in the same run
+  scaling              tokens/s over `--baseline` (a one-GPU run's tokens/s, by model)
+A rank's tokens are its own random draw; routing of a random-init model is not a trained
+one's, so the byte counts are a property of the routing rule (one cluster vs k experts)
+more than of learned balance.
+Does not own: the layer, its exchange or its accounting (ep.py), the models (model.py).
+"""
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import ep
+from bench_layers import build_model
+from cli import parse_config
+from train import PRESETS, TrainConfig
+
+
+@dataclass
+class EPBenchConfig:
+    preset: str = ""               # '' (train.py's default model) | paper
+    models: str = "topk,clustered"
+    batch_size: int = 16           # sequences per rank
+    block_size: int = 0            # 0 = the preset's
+    steps: int = 20
+    warmup: int = 5
+    baseline: str = ""             # a one-GPU run's jsonl (this script, nproc 1): scaling column
+    out: str = "bench_ep.jsonl"    # rank 0 appends one JSON line per model
+
+
+def _events():
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> dict:
+    tc = TrainConfig(moe=moe, dropout=0.0, seed=0, batch_size=cfg.batch_size, **PRESETS.get(cfg.preset, {}))
+    tc.block_size = cfg.block_size or tc.block_size
+    model = build_model(tc, device)                       # same seed: the same model on every rank
+    ep_group, replica_group = ep.expert_parallel_groups(rank, world, world) if world > 1 else (None, None)
+    if world > 1:
+        ep.parallelize(model, ep_group)
+    shards = [p for layer in model.moe_layers() for p in layer.bank.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(1000 + rank)
+    tokens = torch.randint(0, tc.vocab_size, (tc.batch_size, tc.block_size + 1), device=device,
+                           generator=gen)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            _, loss, aux = model(x, y)
+        (loss + aux).backward()
+        if world > 1:
+            ep.sync_grads(model, shards, world, replica_group)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(cfg.warmup):
+        step()
+    step_ms, a2a_ms, a2a_bytes = [], [], []
+    for _ in range(cfg.steps):
+        ep.COMM_EVENTS = []
+        start, end = _events()
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        step_ms.append(start.elapsed_time(end))
+        a2a_ms.append(sum(a.elapsed_time(b) for a, b in ep.COMM_EVENTS))
+        a2a_bytes.append(sum(sum(layer.bytes_sent.values()) for layer in model.moe_layers()
+                             if isinstance(layer, ep.ExpertParallelMoE)))
+    ep.COMM_EVENTS = None
+    local = torch.tensor([statistics.median(step_ms), statistics.median(a2a_ms),
+                          statistics.fmean(a2a_bytes)], device=device, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(local)
+        local /= world
+    step_time, comm, sent = local.tolist()
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return {"model": moe, "preset": cfg.preset or "default", "world": world,
+            "batch_per_rank": tc.batch_size, "block_size": tc.block_size, "step_ms": step_time,
+            "tokens_per_sec": world * x.numel() / step_time * 1e3, "a2a_ms": comm,
+            "a2a_mib": sent / 2**20, "device": torch.cuda.get_device_name(device)}
+
+
+def main(argv) -> list[dict]:
+    cfg = parse_config(EPBenchConfig, argv)
+    if not torch.cuda.is_available() or "RANK" not in os.environ:
+        sys.exit("error: bench_ep.py measures NCCL on GPUs: run it under torchrun on a CUDA machine")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    rows = [bench_model(cfg, moe, rank, world, device) for moe in cfg.models.split(",")]
+    baseline = {}
+    if cfg.baseline:
+        with open(cfg.baseline) as f:
+            baseline = {(r["model"], r["preset"]): r for r in map(json.loads, f) if r["world"] == 1}
+    top = next((r for r in rows if r["model"] == "topk"), None)
+    for row in rows:
+        row["bytes_vs_topk"] = row["a2a_mib"] / top["a2a_mib"] if top and top["a2a_mib"] else None
+        one = baseline.get((row["model"], row["preset"]))
+        row["scaling"] = row["tokens_per_sec"] / one["tokens_per_sec"] if one else None
+    if rank == 0:
+        columns = ["model", "preset", "world", "block_size", "step_ms", "tokens_per_sec", "a2a_ms",
+                   "a2a_mib", "bytes_vs_topk", "scaling"]
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+        print(f"Expert parallelism, {world} x {rows[0]['device']}, batch {cfg.batch_size} per rank:")
+        print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(fmt(row[c]) for c in columns) + " |")
+        with open(cfg.out, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    dist.destroy_process_group()
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
