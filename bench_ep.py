@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class EPBenchConfig:
     warmup: int = 5
     baseline: str = ""             # a one-GPU run's jsonl (this script, nproc 1): scaling column
     out: str = "bench_ep.jsonl"    # rank 0 appends one JSON line per model
+    tiny: bool = False             # a 2-layer toy model: a quick CPU check (tests), no measurement
 
 
 def _events():
@@ -57,6 +59,9 @@ def _events():
 def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> dict:
     tc = TrainConfig(moe=moe, dropout=0.0, seed=0, batch_size=cfg.batch_size, **PRESETS.get(cfg.preset, {}))
     tc.block_size = cfg.block_size or tc.block_size
+    if cfg.tiny:
+        tc.n_layer, tc.n_head, tc.n_embd, tc.ffn_hidden, tc.vocab_size = 2, 2, 32, 64, 512
+        tc.n_experts, tc.n_clusters, tc.rank, tc.moe_impl = 8, 2, 4, "loop"
     model = build_model(tc, device)                       # same seed: the same model on every rank
     ep_group, replica_group = ep.expert_parallel_groups(rank, world, world) if world > 1 else (None, None)
     if world > 1:
@@ -80,15 +85,21 @@ def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> 
     for _ in range(cfg.warmup):
         step()
     step_ms, a2a_ms, a2a_bytes = [], [], []
+    cuda = device.type == "cuda"
     for _ in range(cfg.steps):
         ep.COMM_EVENTS = []
-        start, end = _events()
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize(device)
-        step_ms.append(start.elapsed_time(end))
-        a2a_ms.append(sum(a.elapsed_time(b) for a, b in ep.COMM_EVENTS))
+        if cuda:
+            start, end = _events()
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize(device)
+            step_ms.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            step_ms.append(1e3 * (time.perf_counter() - t0))
+        a2a_ms.append(sum(a.elapsed_time(b) for a, b in ep.COMM_EVENTS) if cuda else float("nan"))
         a2a_bytes.append(sum(sum(layer.bytes_sent.values()) for layer in model.moe_layers()
                              if isinstance(layer, ep.ExpertParallelMoE)))
     ep.COMM_EVENTS = None
@@ -99,21 +110,26 @@ def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> 
         local /= world
     step_time, comm, sent = local.tolist()
     del model, optimizer
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return {"model": moe, "preset": cfg.preset or "default", "world": world,
             "batch_per_rank": tc.batch_size, "block_size": tc.block_size, "step_ms": step_time,
             "tokens_per_sec": world * x.numel() / step_time * 1e3, "a2a_ms": comm,
-            "a2a_mib": sent / 2**20, "device": torch.cuda.get_device_name(device)}
+            "a2a_mib": sent / 2**20, "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
 
 
 def main(argv) -> list[dict]:
     cfg = parse_config(EPBenchConfig, argv)
-    if not torch.cuda.is_available() or "RANK" not in os.environ:
-        sys.exit("error: bench_ep.py measures NCCL on GPUs: run it under torchrun on a CUDA machine")
+    if "RANK" not in os.environ:
+        sys.exit("error: run bench_ep.py under torchrun (see its docstring)")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:  # gloo on CPU: a check that it runs (a2a_ms is not timed there), not a measurement
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
     rows = [bench_model(cfg, moe, rank, world, device) for moe in cfg.models.split(",")]
     baseline = {}
     if cfg.baseline:
