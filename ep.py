@@ -155,7 +155,7 @@ class ExpertParallelMoE(nn.Module):
                 raise ValueError(f"expert parallel: {message}")
         self.cfg = cfg
         self.experts_per_rank = cfg.n_experts // self.world                # E_r
-        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False)
+        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False, device=layer.router.weight.device)
         self.router.weight.data.copy_(layer.router.weight.detach())
         self.cluster_router = None if layer.cluster_router is None else \
             nn.Parameter(layer.cluster_router.detach().clone())
