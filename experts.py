@@ -134,10 +134,10 @@ class ExpertBank(nn.Module):
         flat = routing.expert_idx.flatten()                              # (N*k,) token-slot order
         order, inverse, offs = _sort_rows(flat, n_experts)
         x = _compute_dtype(x)
-        slots = x.unsqueeze(1).expand(-1, k, -1).reshape(n_tokens * k, -1)
+        slots = x.unsqueeze(1).expand(-1, k, -1).reshape(n_tokens * k, x.shape[-1])
         xs = permute_rows(slots, order, inverse)                         # (N*k, d) by expert
         out = self.matmul(gelu(self.matmul(xs, w1, offs)), w2, offs)
-        out = permute_rows(out, inverse, order).view(n_tokens, k, -1)    # back to token order
+        out = permute_rows(out, inverse, order).view(n_tokens, k, out.shape[-1])  # token order
         gates = routing.gates
         if self.capacity_factor > 0:
             # Rank of each slot inside its expert's queue (in token order); slots past capacity
@@ -207,9 +207,10 @@ class ClusteredBank(nn.Module):
         select = F.one_hot(local, m).to(codes.dtype).unsqueeze(-1)        # (N, k, m, 1)
         slot_codes = (codes * select).view(n_tokens * k, m * r)
         offs_k = offs * k
-        pre = mm(slot_codes, w["v1"], offs_k).view(n_tokens, k, -1)
+        # Explicit sizes, not -1: an expert-parallel rank may receive no token at all.
+        pre = mm(slot_codes, w["v1"], offs_k).view(n_tokens, k, u.shape[-1])
         a, z = self.combine(pre, u, gates[..., 0])                        # (N, k, h), (N, h) mixed
-        back = mm(a.view(n_tokens * k, -1), w["u2"], offs_k)
+        back = mm(a.view(n_tokens * k, a.shape[-1]), w["u2"], offs_k)
         low = (back.view(n_tokens, k, m, r) * (select * gates.unsqueeze(-1).to(back.dtype))).sum(1)
         y = mm(z, w["base2"], offs) + mm(low.reshape(n_tokens, m * r), w["v2"], offs)
         return permute_rows(y, inverse, order)

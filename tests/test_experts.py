@@ -139,3 +139,23 @@ def test_grouped_path_matches_loop_on_cuda():
         assert err < 2e-2, (bank_kind, err)
         for a, b in zip(*grads):
             assert (a - b).norm() / a.norm().clamp(min=1e-12) < 5e-2
+
+
+@pytest.mark.parametrize("kind", ["experts", "clustered"])
+def test_banks_take_zero_tokens(kind):
+    """An expert-parallel rank can receive no token: (0, d) in, (0, d) out, backward runs."""
+    if kind == "clustered":
+        bank, x, routing = _clustered_setup()
+    else:
+        bank = ExpertBank(4, 8, 12)
+        torch.nn.init.normal_(bank.w1)
+        torch.nn.init.normal_(bank.w2)
+        x = torch.randn(5, 8)
+        routing = topk_route(torch.randn(5, 4), 2, 0.0, 0.0)
+    cluster = None if routing.cluster_idx is None else routing.cluster_idx[:0]
+    empty = type(routing)(routing.expert_idx[:0], routing.gates[:0], None, None, cluster)
+    x0 = x[:0].clone().requires_grad_(True)
+    y = bank(x0, empty)
+    assert y.shape == (0, x.shape[1])
+    y.sum().backward()
+    assert x0.grad.shape == (0, x.shape[1])
