@@ -75,6 +75,7 @@ class BenchConfig:
     parallel: int = 1              # train.py processes at once on the one device (see bench_quality)
     routing_batches: int = 8       # val batches for load statistics and all-to-all volume
     decode_ckpt: str = ""          # a train.py checkpoint: decode prediction accuracy on real text
+    decode_repeats: int = 3        # timed generations per decode row (median)
     glue_dir: str = ""             # GLUE root: grid sections also fine-tune each run on glue_task
     glue_task: str = "sst2"
     glue_max_examples: int = 10000 # training examples per fine-tuning (0 = all), 2 epochs
