@@ -6,15 +6,13 @@ Owns: the differentiable all-to-all (`AllToAll`), the counts exchange, the proce
 (contiguous blocks of E/W experts per rank; for the clustered bank whole clusters, G/W per
 rank), `ExpertParallelMoE` (one model.MoE layer spread over a process group),
 `shard_state` / `gather_state` (a layer's bank <-> one rank's slice of it), and for a whole
-GPT: `parallelize`, `full_state_dict`, the gradient sync and clipping that replace DDP's,
-the optimizer state of the shards gathered / re-sliced (train.py sets up the groups), and
-reclustering under expert parallelism (`recluster_model`: gather the layer and its moments,
-regroup, keep this rank's slice again).
+GPT: `parallelize` and the gradient sync and clipping that replace DDP's (train.py sets up
+the groups). The state of a parallelized GPT (full checkpoints, optimizer moments,
+reclustering) is ep_state.py's.
 Does not own: routing math (router.py), expert compute (experts.py: the shard runs the same
 ExpertBank / ClusteredBank forward on a smaller bank), the router's gradient all-reduce (the
-router is replicated: it is a data-parallel parameter like attention's), the regrouping
-itself (cluster.recluster, run on the gathered full layer), running statistics (model.MoE's
-code, on this rank's tokens).
+router is replicated: it is a data-parallel parameter like attention's), running statistics
+(model.MoE's code, on this rank's tokens).
 
 Shapes: N local tokens, d model width, h expert width, E experts, G clusters, m = E / G,
 r rank, k experts per token, W world size, E_r = E / W experts per rank, S rows this rank
@@ -34,7 +32,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cluster import carry_rows, recluster
 from experts import ClusteredBank, ExpertBank
 from model import MoE
 from router import Routing, count
@@ -269,90 +266,6 @@ def parallelize(model, group) -> None:
             block.ffn = ExpertParallelMoE(block.ffn, group)
 
 
-def full_state_dict(model) -> dict:
-    """A parallelized GPT's state_dict with every layer's bank gathered (collective: every
-    rank of each expert-parallel group calls it): what a single-process GPT loads."""
-    state = model.state_dict()
-    for i, block in enumerate(model.blocks):
-        if isinstance(block.ffn, ExpertParallelMoE):
-            prefix = f"blocks.{i}.ffn."
-            for name in [k for k in state if k.startswith(prefix)]:
-                del state[name]
-            state.update({prefix + k: v for k, v in gather_state(block.ffn).items()})
-    return state
-
-
-def _gather_rows(state: dict, group) -> dict:
-    """One shard's optimizer state -> the full layer's (collective): moments concatenated over
-    the group's ranks in rank order, scalars (the step count) kept."""
-    out = {}
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() > 0:
-            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(parts, value.contiguous(), group=group)
-            value = torch.cat(parts)
-        out[key] = value
-    return out
-
-
-def _rows_of(state: dict, rank: int, world: int) -> dict:
-    return {key: value.chunk(world)[rank].clone() if torch.is_tensor(value) and value.dim() > 0
-            else value for key, value in state.items()}
-
-
-@torch.no_grad()
-def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs) -> dict:
-    """cluster.recluster for an expert-parallel layer, with its optimizer state: every rank
-    gathers the full layer and the shards' moments, regroups it the same way (same
-    statistics, same seed: the result is identical on every rank), and keeps its slice
-    again. Experts that move to a cluster on another rank arrive there with their weights
-    (in the new factorization) and their state rows: the gathered moments are permuted and
-    re-zeroed by recluster's carry / reset exactly as one process would, then re-sliced.
-    kwargs: cluster.recluster's. -> recluster's result (its parameters are the temporary
-    full layer's), plus 'created': whether this layer's parameters were replaced (the first
-    clustering), so the optimizer must be rebuilt; their carried state is already in
-    optimizer.state."""
-    full = MoE(layer.cfg).to(layer.router.weight.device)
-    if layer.cluster_router is not None:
-        full.make_clustered()
-    full.load_state_dict(gather_state(layer))
-    states = {}
-    for name, param in layer.named_parameters():
-        if param in optimizer.state:   # the same on every rank: all step together
-            states[name] = optimizer.state[param]
-            if name.startswith("bank.") and layer.world > 1:
-                states[name] = _gather_rows(states[name], layer.group)
-    result = recluster(full, **kwargs)
-    name_of = {param: name for name, param in full.named_parameters()}
-    for param in result["reset"]:
-        states.pop(name_of[param], None)
-    for param, (index, keep) in result["carry"].items():
-        if name_of[param] in states:
-            states[name_of[param]] = carry_rows(states[name_of[param]], index, keep)
-    for param in layer.parameters():
-        optimizer.state.pop(param, None)
-    created = layer.adopt(full)
-    for name, param in layer.named_parameters():
-        if name in states:
-            state = states[name]
-            optimizer.state[param] = _rows_of(state, layer.rank, layer.world) \
-                if name.startswith("bank.") else state
-    return {**result, "created": created}
-
-
-def recluster_model(model, optimizer, alpha: float = 0.7, seed: int = 0, **kwargs) -> dict:
-    """cluster.recluster_model for a parallelized GPT (collective) -> {'moved', 'gain',
-    'skipped' (per layer), 'created'}; the optimizer state is already carried."""
-    total = {"moved": 0, "gain": [], "skipped": [], "created": False}
-    for i, layer in enumerate(model.moe_layers()):
-        result = recluster_layer(layer, optimizer, alpha=alpha, seed=seed + i, **kwargs)
-        total["moved"] += result["moved"]
-        total["gain"].append(result["gain"])
-        total["skipped"].append(result["skipped"])
-        total["created"] |= result["created"]
-    return total
-
-
 def sync_grads(model, shards: list, world: int, replica_group):
     """Make every gradient that of the mean loss over all ranks (the loss is a mean per rank).
     Replicated parameters saw only this rank's tokens: average over all ranks. A shard's
@@ -389,43 +302,6 @@ def clip_grad_norm(model, shards: list, max_norm: float, ep_group):
     coef = (max_norm / ((replicated + split).sqrt() + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
         p.grad.mul_(coef.to(p.grad.dtype))
-
-
-def _shard_entries(optimizer, shards):
-    """The indices of the shard parameters in optimizer.state_dict()['state']."""
-    shard_ids = {id(p) for p in shards}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return [i for i, p in enumerate(params) if id(p) in shard_ids]
-
-
-def gather_optimizer_state(optimizer, shards: list, ep_group) -> dict:
-    """optimizer.state_dict() with each shard's moments gathered into the full layer's
-    (collective over ep_group): the state a single-process optimizer loads."""
-    state = optimizer.state_dict()
-    state["state"] = dict(state["state"])
-    size = dist.get_world_size(ep_group)
-    for i in _shard_entries(optimizer, shards):
-        if i not in state["state"]:
-            continue
-        entry = dict(state["state"][i])
-        for key, value in entry.items():
-            if value.dim() > 0:                      # exp_avg, exp_avg_sq; not the step count
-                parts = [torch.empty_like(value) for _ in range(size)]
-                dist.all_gather(parts, value.contiguous(), group=ep_group)
-                entry[key] = torch.cat(parts)
-        state["state"][i] = entry
-    return state
-
-
-def shard_optimizer_state(state: dict, optimizer, shards: list, ep_group) -> dict:
-    """The inverse of gather_optimizer_state: this rank's rows of each shard's moments."""
-    state = {**state, "state": dict(state["state"])}
-    size, me = dist.get_world_size(ep_group), dist.get_rank(ep_group)
-    for i in _shard_entries(optimizer, shards):
-        if i in state["state"]:
-            state["state"][i] = {key: value.chunk(size)[me].clone() if value.dim() > 0 else value
-                                 for key, value in state["state"][i].items()}
-    return state
 
 
 def expert_parallel_groups(rank: int, world: int, size: int):

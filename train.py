@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import data
 import ep
+import ep_state
 from cli import load_model, parse_config, resolve_device, save_atomic
 from cluster import carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
@@ -266,7 +267,7 @@ def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, o
     moved, per-layer similarity gain and whether the regrouping was skipped, seconds, the
     membership, and the validation loss just before and after (`shock_eval`, the recluster
     shock; its time is reported apart; every rank that gets one calls it). regroup:
-    cluster.recluster_model, or ep.recluster_model bound to the optimizer."""
+    cluster.recluster_model, or ep_state.recluster_model bound to the optimizer."""
     layers = model.moe_layers()
     if ddp:
         for layer in layers:
@@ -363,7 +364,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         state = ckpt["optimizer"]
         if expert_parallel:
-            state = ep.shard_optimizer_state(state, optimizer, shards, ep_group)
+            state = ep_state.shard_optimizer_state(state, optimizer, shards, ep_group)
         optimizer.load_state_dict(state)
 
     # Compile once: after a recluster swaps a layer's bank, dynamo's guards retrace by themselves.
@@ -386,7 +387,7 @@ def train(cfg: TrainConfig) -> dict:
             shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast)) \
                 if master or expert_parallel else None      # EP: each forward needs every rank
             if expert_parallel:  # ep.py carries the optimizer state through gather and re-slice
-                regroup = lambda model, **kw: ep.recluster_model(model, optimizer, **kw)
+                regroup = lambda model, **kw: ep_state.recluster_model(model, optimizer, **kw)
                 result = recluster_event(model, cfg, it, ddp, master, out_dir, shock, regroup)
                 if result["created"]:
                     optimizer, shards = build_optimizer(model, cfg, optimizer), shard_params()
@@ -441,8 +442,8 @@ def train(cfg: TrainConfig) -> dict:
                 record = close_interval(model, cfg, it, lr, train_loss, interval, val_tokens, meta,
                                         world, device, autocast)
             if expert_parallel:
-                model_state = ep.full_state_dict(model)
-                optimizer_state = ep.gather_optimizer_state(optimizer, shards, ep_group)
+                model_state = ep_state.full_state_dict(model)
+                optimizer_state = ep_state.gather_optimizer_state(optimizer, shards, ep_group)
             else:
                 model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
             rngs = [rng_state(batch_gen)]

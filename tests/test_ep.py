@@ -1,5 +1,6 @@
-"""ep.py: an expert-parallel layer on W CPU processes (gloo) against the single-process
-model.MoE layer on the concatenated tokens: outputs, gradients, bytes sent, gathered state."""
+"""ep.py and ep_state.py: an expert-parallel layer on W CPU processes (gloo) against the
+single-process model.MoE layer on the concatenated tokens: outputs, gradients, bytes sent,
+gathered state, and a recluster under expert parallelism (state, optimizer moments)."""
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -135,7 +136,7 @@ def _recluster_check(rank, world):
     layer and of one full layer: same state, same optimizer moments, same outputs."""
     from types import SimpleNamespace
     from cluster import carry_optimizer_state
-    from ep import ExpertParallelMoE, _gather_rows, recluster_layer
+    from ep_state import _gather_rows, recluster_layer
     torch.manual_seed(0)
     cfg = GPTConfig(moe="clustered", n_embd=D, ffn_hidden=H, n_experts=E, top_k=K, n_clusters=G,
                     rank=4, moe_impl="loop")

@@ -1,0 +1,128 @@
+"""The state of an expert-parallel GPT (ep.py's layers): what must be gathered from, or
+re-sliced to, the ranks that hold the shards.
+
+Owns: `full_state_dict` (a parallelized GPT -> the single-process state_dict a checkpoint
+holds), the shards' optimizer moments gathered / re-sliced (`gather_optimizer_state`,
+`shard_optimizer_state`: checkpoints and resume on any number of ranks), and reclustering
+under expert parallelism (`recluster_model`: gather each layer and its moments, regroup with
+cluster.recluster identically on every rank, keep this rank's slice again).
+Does not own: the layer, placement or the exchange (ep.py), the regrouping (cluster.py).
+"""
+import torch
+import torch.distributed as dist
+
+from cluster import carry_rows, recluster
+from ep import ExpertParallelMoE, gather_state
+from model import MoE
+
+
+def full_state_dict(model) -> dict:
+    """A parallelized GPT's state_dict with every layer's bank gathered (collective: every
+    rank of each expert-parallel group calls it): what a single-process GPT loads."""
+    state = model.state_dict()
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.ffn, ExpertParallelMoE):
+            prefix = f"blocks.{i}.ffn."
+            for name in [k for k in state if k.startswith(prefix)]:
+                del state[name]
+            state.update({prefix + k: v for k, v in gather_state(block.ffn).items()})
+    return state
+
+
+def _gather_rows(state: dict, group) -> dict:
+    """One shard's optimizer state -> the full layer's (collective): moments concatenated over
+    the group's ranks in rank order, scalars (the step count) kept."""
+    out = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, value.contiguous(), group=group)
+            value = torch.cat(parts)
+        out[key] = value
+    return out
+
+
+def _rows_of(state: dict, rank: int, world: int) -> dict:
+    return {key: value.chunk(world)[rank].clone() if torch.is_tensor(value) and value.dim() > 0
+            else value for key, value in state.items()}
+
+
+@torch.no_grad()
+def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs) -> dict:
+    """cluster.recluster for an expert-parallel layer, with its optimizer state: every rank
+    gathers the full layer and the shards' moments, regroups it the same way (same
+    statistics, same seed: the result is identical on every rank), and keeps its slice
+    again. Experts that move to a cluster on another rank arrive there with their weights
+    (in the new factorization) and their state rows: the gathered moments are permuted and
+    re-zeroed by recluster's carry / reset exactly as one process would, then re-sliced.
+    kwargs: cluster.recluster's. -> recluster's result (its parameters are the temporary
+    full layer's), plus 'created': whether this layer's parameters were replaced (the first
+    clustering), so the optimizer must be rebuilt; their carried state is already in
+    optimizer.state."""
+    full = MoE(layer.cfg).to(layer.router.weight.device)
+    if layer.cluster_router is not None:
+        full.make_clustered()
+    full.load_state_dict(gather_state(layer))
+    states = {}
+    for name, param in layer.named_parameters():
+        if param in optimizer.state:   # the same on every rank: all step together
+            states[name] = optimizer.state[param]
+            if name.startswith("bank.") and layer.world > 1:
+                states[name] = _gather_rows(states[name], layer.group)
+    result = recluster(full, **kwargs)
+    name_of = {param: name for name, param in full.named_parameters()}
+    for param in result["reset"]:
+        states.pop(name_of[param], None)
+    for param, (index, keep) in result["carry"].items():
+        if name_of[param] in states:
+            states[name_of[param]] = carry_rows(states[name_of[param]], index, keep)
+    for param in layer.parameters():
+        optimizer.state.pop(param, None)
+    created = layer.adopt(full)
+    for name, param in layer.named_parameters():
+        if name in states:
+            state = states[name]
+            optimizer.state[param] = _rows_of(state, layer.rank, layer.world) \
+                if name.startswith("bank.") else state
+    return {**result, "created": created}
+
+
+def recluster_model(model, optimizer, alpha: float = 0.7, seed: int = 0, **kwargs) -> dict:
+    """cluster.recluster_model for a parallelized GPT (collective) -> {'moved', 'gain',
+    'skipped' (per layer), 'created'}; the optimizer state is already carried."""
+    total = {"moved": 0, "gain": [], "skipped": [], "created": False}
+    for i, layer in enumerate(model.moe_layers()):
+        result = recluster_layer(layer, optimizer, alpha=alpha, seed=seed + i, **kwargs)
+        total["moved"] += result["moved"]
+        total["gain"].append(result["gain"])
+        total["skipped"].append(result["skipped"])
+        total["created"] |= result["created"]
+    return total
+
+
+def _shard_entries(optimizer, shards):
+    """The indices of the shard parameters in optimizer.state_dict()['state']."""
+    shard_ids = {id(p) for p in shards}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [i for i, p in enumerate(params) if id(p) in shard_ids]
+
+
+def gather_optimizer_state(optimizer, shards: list, ep_group) -> dict:
+    """optimizer.state_dict() with each shard's moments gathered into the full layer's
+    (collective over ep_group): the state a single-process optimizer loads."""
+    state = optimizer.state_dict()
+    state["state"] = dict(state["state"])
+    for i in _shard_entries(optimizer, shards):
+        if i in state["state"]:
+            state["state"][i] = _gather_rows(state["state"][i], ep_group)
+    return state
+
+
+def shard_optimizer_state(state: dict, optimizer, shards: list, ep_group) -> dict:
+    """The inverse of gather_optimizer_state: this rank's rows of each shard's moments."""
+    state = {**state, "state": dict(state["state"])}
+    size, me = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    for i in _shard_entries(optimizer, shards):
+        if i in state["state"]:
+            state["state"][i] = _rows_of(state["state"][i], me, size)
+    return state
