@@ -36,7 +36,8 @@ from bench_quality import (beyond_noise, grid_variants, read_log, routing_stats,
 from cli import load_model, parse_config
 from offload import ClusterOffloader
 from quant import quantize_model
-from train import PRESETS, TrainConfig, evaluate, peak_flops
+from train import PRESETS, TrainConfig
+from train_log import evaluate, peak_flops
 
 
 @dataclass

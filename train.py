@@ -2,15 +2,16 @@
 
 Owns: TrainConfig and its presets, the training loop (AdamW, warmup +
 cosine LR, clipping, accumulation, bf16 autocast, optional torch.compile, DDP under
-torchrun), evaluation and log.jsonl, atomic checkpoints and exact resume, and the
-reclustering schedule (train as top-k for `warmup_iters`, then cluster + compress, then
-recluster every `recluster_interval`; the optimizer state follows the experts).
-The helpers every entry point shares (flag parsing, devices, checkpoints) live in cli.py.
+torchrun), writing log.jsonl, atomic checkpoints and exact resume, and the reclustering
+schedule (train as top-k for `warmup_iters`, then cluster + compress, then recluster every
+`recluster_interval`; the optimizer state follows the experts). What an eval interval
+records (val loss, tokens/s, MFU, load CV) is train_log.py's; the helpers every entry point
+shares (flag parsing, devices, checkpoints) live in cli.py.
 
 Expert parallelism (`--expert_parallel=N` under torchrun, top-k or clustered): no DDP
-wrapper; ep.py splits each bank (experts, or whole clusters) over groups of N ranks, syncs
-gradients, reclusters (gather, regroup, re-slice, optimizer state included) and gathers full
-checkpoints. Every rank evaluates then; load CV is over rank 0's tokens, and the parameter
+wrapper; ep.py splits each bank (experts, or whole clusters) over groups of N ranks and syncs
+gradients; ep_state.py reclusters (gather, regroup, re-slice, optimizer state included) and
+gathers full checkpoints. Every rank evaluates then; load CV is over rank 0's tokens, and the parameter
 counts in log.jsonl are one rank's (its slice of each bank).
 """
 import json
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ import ep_state
 from cli import load_model, parse_config, resolve_device, save_atomic
 from cluster import carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
-from router import load_cv
+from train_log import Interval, close_interval, evaluate
 
 
 # Named model sizes; explicit --field=value flags win over a preset's values.
@@ -174,68 +175,6 @@ def rng_state(batch_gen: torch.Generator) -> dict:
     return state
 
 
-@torch.no_grad()
-def evaluate(model, val, cfg: TrainConfig, device, autocast) -> float:
-    """Mean LM loss on the same eval_iters val batches every time (fixed generator)."""
-    model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    losses = []
-    for _ in range(cfg.eval_iters):
-        x, y = data.get_batch(val, cfg.batch_size, cfg.block_size, device, gen)
-        with autocast:
-            losses.append(model(x, y)[1])
-    model.train()
-    return torch.stack(losses).mean().item()
-
-
-# bf16 dense tensor-core peaks (FLOP/s), matched by substring of the device name, first hit
-# wins; model FLOPs utilization is reported only for these.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-             ("GH200", 989e12), ("A100", 312e12))
-
-
-def peak_flops(device) -> float | None:
-    if not str(device).startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
-
-
-@dataclass
-class Interval:
-    """What the loop accumulates between two evals (every rank); reset() when one closes."""
-    loss_sum: torch.Tensor                 # () summed LM loss of the interval's steps
-    loads: list[torch.Tensor]              # per MoE layer, (E,) token-slot counts
-    cluster_loads: list[torch.Tensor]      # per MoE layer, (G,) token counts
-    steps: int = 0
-    moved: int = 0                         # experts that changed cluster at reclusters
-    recluster_s: float = 0.0               # seconds spent reclustering (inside the timing)
-    paused_s: float = 0.0                  # measurement inside the interval (left out of the timing)
-    t0: float = field(default_factory=time.perf_counter)
-
-    @classmethod
-    def start(cls, layers, device) -> "Interval":
-        return cls(torch.zeros((), device=device), [torch.zeros_like(l.expert_counts) for l in layers],
-                   [torch.zeros_like(l.cluster_counts) for l in layers])
-
-    def add_micro_step(self, lm_loss, layers, grad_accum: int):
-        self.loss_sum += lm_loss.detach() / grad_accum
-        for acc, cacc, layer in zip(self.loads, self.cluster_loads, layers):
-            acc += layer.expert_counts
-            cacc += layer.cluster_counts
-
-    def reset_loads(self):
-        """After a recluster the expert slots were permuted: count afresh."""
-        for acc in self.loads + self.cluster_loads:
-            acc.zero_()
-
-    def reset(self):
-        self.reset_loads()
-        self.loss_sum.zero_()
-        self.steps, self.moved, self.recluster_s, self.paused_s = 0, 0, 0.0, 0.0
-        self.t0 = time.perf_counter()
-
-
 def setup_distributed(cfg: TrainConfig):
     """-> (ddp, rank, world, device, dtype). Distributed when launched by torchrun (RANK is
     set): gloo on --device=cpu, else NCCL with one GPU per process."""
@@ -296,30 +235,6 @@ def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, o
                                 "shock": None if before is None else after - before,
                                 "membership": membership}) + "\n")
     return result
-
-
-def close_interval(model, cfg: TrainConfig, it: int, lr: float, train_loss: float,
-                   interval: Interval, val_tokens, meta: dict, world: int, device, autocast) -> dict:
-    """Rank 0 only: evaluate and build the interval's log.jsonl record (tokens/s, MFU, load
-    CV, parameter counts). Timing stops before the evaluation."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - interval.t0 - interval.paused_s
-    val_loss = evaluate(model, val_tokens, cfg, device, autocast)
-    layers = model.moe_layers()
-    tokens_per_sec = interval.steps * cfg.batch_size * cfg.block_size * cfg.grad_accum * world / elapsed
-    peak = peak_flops(device)
-    record = {"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss,
-              "val_ppl": math.exp(min(val_loss, 50)), "lr": lr, "tokens_per_sec": tokens_per_sec,
-              "mfu": model.flops_per_token() * tokens_per_sec / world / peak if peak else None,
-              "recluster_s": interval.recluster_s,  # inside elapsed (and so in tokens_per_sec)
-              "load_cv": sum(load_cv(a).item() for a in interval.loads) / max(1, len(layers)),
-              **model.param_counts(),
-              "n_reclusters": int(layers[0].n_reclusters) if layers else 0,
-              "experts_moved": interval.moved, "val_split": meta.get("val_split")}
-    if layers and layers[0].has_clusters:
-        record["cluster_load_cv"] = sum(load_cv(a).item() for a in interval.cluster_loads) / len(layers)
-    return record
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -1,0 +1,101 @@
+"""What one eval interval of train.py records: the validation loss, tokens/s, model FLOPs
+utilization, load balance, parameter counts.
+
+Owns: `evaluate` (mean LM loss on fixed val batches), the bf16 peak table and `peak_flops`,
+`Interval` (what the loop accumulates between two evals) and `close_interval` (the
+log.jsonl record). Does not own: the loop, checkpoints or the schedule (train.py).
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import data
+from router import load_cv
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, device, autocast) -> float:
+    """Mean LM loss on the same eval_iters val batches every time (fixed generator)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.eval_iters):
+        x, y = data.get_batch(val, cfg.batch_size, cfg.block_size, device, gen)
+        with autocast:
+            losses.append(model(x, y)[1])
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+# bf16 dense tensor-core peaks (FLOP/s), matched by substring of the device name, first hit
+# wins; model FLOPs utilization is reported only for these.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+             ("GH200", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device) -> float | None:
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+@dataclass
+class Interval:
+    """What the loop accumulates between two evals (every rank); reset() when one closes."""
+    loss_sum: torch.Tensor                 # () summed LM loss of the interval's steps
+    loads: list[torch.Tensor]              # per MoE layer, (E,) token-slot counts
+    cluster_loads: list[torch.Tensor]      # per MoE layer, (G,) token counts
+    steps: int = 0
+    moved: int = 0                         # experts that changed cluster at reclusters
+    recluster_s: float = 0.0               # seconds spent reclustering (inside the timing)
+    paused_s: float = 0.0                  # measurement inside the interval (left out of the timing)
+    t0: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, layers, device) -> "Interval":
+        return cls(torch.zeros((), device=device), [torch.zeros_like(l.expert_counts) for l in layers],
+                   [torch.zeros_like(l.cluster_counts) for l in layers])
+
+    def add_micro_step(self, lm_loss, layers, grad_accum: int):
+        self.loss_sum += lm_loss.detach() / grad_accum
+        for acc, cacc, layer in zip(self.loads, self.cluster_loads, layers):
+            acc += layer.expert_counts
+            cacc += layer.cluster_counts
+
+    def reset_loads(self):
+        """After a recluster the expert slots were permuted: count afresh."""
+        for acc in self.loads + self.cluster_loads:
+            acc.zero_()
+
+    def reset(self):
+        self.reset_loads()
+        self.loss_sum.zero_()
+        self.steps, self.moved, self.recluster_s, self.paused_s = 0, 0, 0.0, 0.0
+        self.t0 = time.perf_counter()
+
+
+def close_interval(model, cfg, it: int, lr: float, train_loss: float,
+                   interval: Interval, val_tokens, meta: dict, world: int, device, autocast) -> dict:
+    """Rank 0 only: evaluate and build the interval's log.jsonl record (tokens/s, MFU, load
+    CV, parameter counts). Timing stops before the evaluation."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - interval.t0 - interval.paused_s
+    val_loss = evaluate(model, val_tokens, cfg, device, autocast)
+    layers = model.moe_layers()
+    tokens_per_sec = interval.steps * cfg.batch_size * cfg.block_size * cfg.grad_accum * world / elapsed
+    peak = peak_flops(device)
+    record = {"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss,
+              "val_ppl": math.exp(min(val_loss, 50)), "lr": lr, "tokens_per_sec": tokens_per_sec,
+              "mfu": model.flops_per_token() * tokens_per_sec / world / peak if peak else None,
+              "recluster_s": interval.recluster_s,  # inside elapsed (and so in tokens_per_sec)
+              "load_cv": sum(load_cv(a).item() for a in interval.loads) / max(1, len(layers)),
+              **model.param_counts(),
+              "n_reclusters": int(layers[0].n_reclusters) if layers else 0,
+              "experts_moved": interval.moved, "val_split": meta.get("val_split")}
+    if layers and layers[0].has_clusters:
+        record["cluster_load_cv"] = sum(load_cv(a).item() for a in interval.cluster_loads) / len(layers)
+    return record
