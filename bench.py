@@ -123,6 +123,7 @@ def bench_models(cfg: BenchConfig, device) -> list[dict]:
     peak = peak_flops(device)
     blocks = [int(b) for b in cfg.model_blocks.split(",")] if cfg.model_blocks else [0]
     for block in blocks:
+        block_rows = []
         for name, overrides in MODEL_VARIANTS:
             if overrides.get("moe_impl") == "fused" and device.type != "cuda":
                 continue  # the Triton combine is CUDA-only; CPU would time the reference twice
@@ -139,12 +140,12 @@ def bench_models(cfg: BenchConfig, device) -> list[dict]:
                 ms = timed(lambda: model(x), device, cfg.repeats, cfg.warmup)
             row["infer_tokens_per_sec"] = x.numel() / ms * 1e3
             del model
-            rows.append(row)
-        top = next(r for r in rows if r["model"] == "topk" and r["block_size"] == rows[-1]["block_size"])
-        for row in rows[-len(MODEL_VARIANTS):]:
-            if row["block_size"] == top["block_size"]:
-                row["speed_vs_topk"] = row["train_tokens_per_sec"] / top["train_tokens_per_sec"]
-                row["infer_vs_topk"] = row["infer_tokens_per_sec"] / top["infer_tokens_per_sec"]
+            block_rows.append(row)
+        top = next(r for r in block_rows if r["model"] == "topk")
+        for row in block_rows:
+            row["speed_vs_topk"] = row["train_tokens_per_sec"] / top["train_tokens_per_sec"]
+            row["infer_vs_topk"] = row["infer_tokens_per_sec"] / top["infer_tokens_per_sec"]
+        rows += block_rows
     return rows
 
 

@@ -9,7 +9,8 @@ kernels that dominate each grouped layer.
 Also `train_speed`: one whole model's train step timed alone (bench.py's models section,
 and the per-variant speed of a grid whose runs shared the GPU).
 Does not own: the setting itself (bench.BenchConfig: tokens, n_embd, ffn_hidden,
-n_experts, top_k, n_clusters, rank, repeats, warmup, seed, compile_layers) or whole models.
+n_experts, top_k, n_clusters, rank, repeats, warmup, seed, compile_layers) or the tables
+of whole models (bench.py).
 """
 import gc
 import math

@@ -69,26 +69,36 @@ def run_grid(runs: list[TrainConfig], parallel: int = 1) -> None:
     # Tokenize once, before the workers start, so they do not race on preparing the data.
     for tc in todo:
         data.prepare(tc.dataset, tc.data_dir, val_split=tc.val_split)
-    active = []
+
+    def start(tc):
+        _fresh(tc)
+        return [ROOT / "train.py", *_flags(tc)], Path(tc.out_dir) / "train.out"
+    _pool(todo, start, parallel, "training")
+
+
+def _pool(jobs: list, start, parallel: int, what: str) -> None:
+    """Run `parallel` subprocesses at once, one per job: start(job) -> (script and flags, log
+    file). A job that fails stops the others; the error quotes the end of its log."""
+    todo, active = list(jobs), []
     while todo or active:
-        while todo and len(active) < parallel:
-            tc = todo.pop(0)
-            _fresh(tc)
-            log = open(Path(tc.out_dir) / "train.out", "w")
-            proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *_flags(tc)],
-                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            active.append((proc, tc, log))
+        while todo and len(active) < max(1, parallel):
+            job = todo.pop(0)
+            argv, log_path = start(job)
+            log = open(log_path, "w")
+            proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            active.append((proc, log, log_path))
         time.sleep(0.5)
         for item in [a for a in active if a[0].poll() is not None]:
-            proc, tc, log = item
+            proc, log, log_path = item
             log.close()
             active.remove(item)
             if proc.returncode != 0:
-                tail = (Path(tc.out_dir) / "train.out").read_text()[-2000:]
-                for other, _, other_log in active:
+                for other, other_log, _ in active:
                     other.kill()
                     other_log.close()
-                raise RuntimeError(f"training {tc.out_dir} failed (exit {proc.returncode}):\n{tail}")
+                raise RuntimeError(f"{what} ({log_path.parent}) failed (exit {proc.returncode}):\n"
+                                   f"{log_path.read_text()[-2000:]}")
 
 
 def summarize(values: list[float]) -> dict:
@@ -156,27 +166,15 @@ def glue_scores(runs: list[TrainConfig], glue: dict, parallel: int = 1) -> list[
     """Fine-tune each trained run's checkpoint once on one GLUE task (eval_glue.py as a
     subprocess, `parallel` at a time, fine-tuning seed = training seed) -> official scores.
     Resumable: a run whose glue.jsonl holds a summary is not fine-tuned again."""
-    todo = [tc for tc in runs if _glue_summary(Path(tc.out_dir) / "glue.jsonl") is None]
-    active = []
-    while todo or active:
-        while todo and len(active) < max(1, parallel):
-            tc = todo.pop(0)
-            out = Path(tc.out_dir) / "glue.jsonl"
-            out.unlink(missing_ok=True)
-            flags = {**glue, "ckpt": Path(tc.out_dir) / "ckpt.pt", "seeds": 1, "seed": tc.seed,
-                     "out": out, "device": tc.device}
-            log = open(Path(tc.out_dir) / "glue.out", "w")
-            proc = subprocess.Popen([sys.executable, str(ROOT / "eval_glue.py"),
-                                     *[f"--{k}={v}" for k, v in flags.items()]],
-                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            active.append((proc, tc, log))
-        time.sleep(0.5)
-        for item in [a for a in active if a[0].poll() is not None]:
-            active.remove(item)
-            item[2].close()
-            if item[0].returncode != 0:
-                tail = (Path(item[1].out_dir) / "glue.out").read_text()[-2000:]
-                raise RuntimeError(f"GLUE fine-tuning of {item[1].out_dir} failed:\n{tail}")
+    def start(tc):
+        out = Path(tc.out_dir) / "glue.jsonl"
+        out.unlink(missing_ok=True)
+        flags = {**glue, "ckpt": Path(tc.out_dir) / "ckpt.pt", "seeds": 1, "seed": tc.seed,
+                 "out": out, "device": tc.device}
+        return [ROOT / "eval_glue.py", *[f"--{k}={v}" for k, v in flags.items()]], \
+            Path(tc.out_dir) / "glue.out"
+    _pool([tc for tc in runs if _glue_summary(Path(tc.out_dir) / "glue.jsonl") is None], start,
+          parallel, "GLUE fine-tuning")
     return [_glue_summary(Path(tc.out_dir) / "glue.jsonl") for tc in runs]
 
 

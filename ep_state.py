@@ -8,10 +8,12 @@ under expert parallelism (`recluster_model`: gather each layer and its moments, 
 cluster.recluster identically on every rank, keep this rank's slice again).
 Does not own: the layer, placement or the exchange (ep.py), the regrouping (cluster.py).
 """
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 
-from cluster import carry_rows, recluster
+from cluster import carry_optimizer_state, recluster
 from ep import ExpertParallelMoE, gather_state
 from model import MoE
 
@@ -63,19 +65,18 @@ def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs) -> dict:
     if layer.cluster_router is not None:
         full.make_clustered()
     full.load_state_dict(gather_state(layer))
-    states = {}
+    # The full layer's optimizer state: replicated parameters' as they are, shards' gathered.
+    params = dict(full.named_parameters())
+    moments = SimpleNamespace(state={})
     for name, param in layer.named_parameters():
         if param in optimizer.state:   # the same on every rank: all step together
-            states[name] = optimizer.state[param]
+            state = optimizer.state[param]
             if name.startswith("bank.") and layer.world > 1:
-                states[name] = _gather_rows(states[name], layer.group)
+                state = _gather_rows(state, layer.group)
+            moments.state[params[name]] = state
     result = recluster(full, **kwargs)
-    name_of = {param: name for name, param in full.named_parameters()}
-    for param in result["reset"]:
-        states.pop(name_of[param], None)
-    for param, (index, keep) in result["carry"].items():
-        if name_of[param] in states:
-            states[name_of[param]] = carry_rows(states[name_of[param]], index, keep)
+    carry_optimizer_state(moments, result)      # exactly what one process does to its optimizer
+    states = {name: moments.state[p] for name, p in full.named_parameters() if p in moments.state}
     for param in layer.parameters():
         optimizer.state.pop(param, None)
     created = layer.adopt(full)

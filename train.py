@@ -11,8 +11,8 @@ shares (flag parsing, devices, checkpoints) live in cli.py.
 Expert parallelism (`--expert_parallel=N` under torchrun, top-k or clustered): no DDP
 wrapper; ep.py splits each bank (experts, or whole clusters) over groups of N ranks and syncs
 gradients; ep_state.py reclusters (gather, regroup, re-slice, optimizer state included) and
-gathers full checkpoints. Every rank evaluates then; load CV is over rank 0's tokens, and the parameter
-counts in log.jsonl are one rank's (its slice of each bank).
+gathers full checkpoints. Every rank evaluates then; load CV is over rank 0's tokens, and
+the parameter counts in log.jsonl are one rank's (its slice of each bank).
 """
 import json
 import math
@@ -301,7 +301,7 @@ def train(cfg: TrainConfig) -> dict:
             t_recluster = time.perf_counter()
             shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast)) \
                 if master or expert_parallel else None      # EP: each forward needs every rank
-            if expert_parallel:  # ep.py carries the optimizer state through gather and re-slice
+            if expert_parallel:  # ep_state carries the optimizer state through gather and re-slice
                 regroup = lambda model, **kw: ep_state.recluster_model(model, optimizer, **kw)
                 result = recluster_event(model, cfg, it, ddp, master, out_dir, shock, regroup)
                 if result["created"]:

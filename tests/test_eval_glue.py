@@ -307,3 +307,21 @@ def test_errors_before_any_work(ckpts, tmp_path):
     result = subprocess.run([sys.executable, "eval_glue.py", "--bad=1"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode != 0 and "valid keys: ckpt, task, data_dir" in result.stderr
+
+
+def test_grid_glue_scores_run_as_subprocesses_and_resume(ckpts, tmp_path):
+    """bench_quality.glue_scores: eval_glue.py per run (fine-tuning seed = training seed), the
+    task score read back from its glue.jsonl; a run already scored is not fine-tuned again."""
+    import shutil
+    from bench_quality import glue_scores
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ckpts["clustered"], run / "ckpt.pt")
+    tc = TrainConfig(out_dir=str(run), seed=3, device="cpu")
+    glue = {"task": "sst2", "data_dir": REAL_SST2, "epochs": 1, "max_train_examples": 32}
+    (score,) = glue_scores([tc], glue, parallel=2)
+    summary = next(r for r in read_jsonl(run / "glue.jsonl") if r.get("summary") and r["task"] == "sst2")
+    assert score == summary["score"]["mean"] and 0 <= score <= 1 and summary["seeds"] == [3]
+    stamp = (run / "glue.jsonl").stat().st_mtime_ns
+    assert glue_scores([tc], glue) == [score]
+    assert (run / "glue.jsonl").stat().st_mtime_ns == stamp
