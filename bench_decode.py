@@ -5,16 +5,20 @@ Owns: the decode benchmark. Batch 1, `NEW_TOKENS` sampled (temperature 1, fixed 
 random `PROMPT_TOKENS` prompt, prefill included in the time, median of `REPEATS` runs after
 one warm-up run. Rows, for one size (train.py's default, or the paper's with --preset=paper):
   dense (no KV cache)   the reference generate, re-running the context every token
-  dense, topk, clustered, clustered+int4          with the KV cache, weights resident
+  dense, topk, clustered, clustered+int4          with the KV cache, weights resident, eager
   clustered+int4+offload NN%                      expert weights in CPU memory, a budget
                                                   of NN% of the n_layer * n_clusters entries
-Columns (offload rows only for the last five):
-  decode_tokens_per_sec, vs_no_cache (over the uncached dense row), peak_mib (NaN on CPU),
-  hit_rate (cluster lookups found resident), prediction_accuracy (tokens whose next-layer
-  cluster was predicted, offload.py), bytes_moved_per_token, stalls_per_token (lookups
-  whose copy was still in flight), hidden_fraction (share of copy time overlapped with
-  compute, decode runs; None on CPU), prefill_hidden_fraction (the same for one prefill of
-  the prompt on an emptied cache: the double-buffered path).
+  dense, ..., clustered+int4, graph               CUDA only: the cached decode step replayed
+                                                  from a CUDA graph (decode.py)
+Columns (offload rows only for hit_rate onwards):
+  decode_tokens_per_sec, vs_no_cache (over the uncached dense row), vs_resident (offload rows,
+  over the eager resident clustered+int4 row), peak_mib (NaN on CPU), peak_vs_dense (over
+  the cached dense row: the dense model of equal active size), hit_rate (cluster lookups
+  found resident), prediction_accuracy (tokens whose next-layer cluster was predicted,
+  offload.py), bytes_moved_per_token, stalls_per_token (lookups whose copy was still in
+  flight), hidden_fraction (share of copy time overlapped with compute, decode runs; None on
+  CPU), prefill_hidden_fraction (the same for one prefill of the prompt on an emptied cache:
+  the double-buffered path).
 Random-init models (clustered ones clustered at once, as bench.py does) are fine for speed;
 their routing is not a trained model's, so with `decode_ckpt` set on the config the trained
 checkpoint adds two rows with per-layer prediction accuracy on its held-out text: a prefill
@@ -22,6 +26,8 @@ of val windows (every token scored) and a decode from a val prompt.
 Does not own: the model, the cache of clusters or the timing helper (model.py, offload.py,
 bench_layers.timed); bench.py owns BenchConfig and the printed tables.
 """
+
+import sys
 
 import torch
 
@@ -36,8 +42,8 @@ PROMPT_TOKENS, NEW_TOKENS, REPEATS = 128, 256, 3
 SMOKE_PROMPT_TOKENS, SMOKE_NEW_TOKENS, SMOKE_REPEATS = 4, 8, 1
 BUDGETS = (0.25, 0.5, 1.0)        # offload budget, as a fraction of all (layer, cluster) entries
 CKPT_BUDGET, CKPT_WINDOWS = 0.5, 8
-COLUMNS = ["size", "model", "decode_tokens_per_sec", "vs_no_cache", "peak_mib", "hit_rate",
-           "prediction_accuracy", "bytes_moved_per_token", "stalls_per_token", "hidden_fraction",
+COLUMNS = ["size", "model", "decode_tokens_per_sec", "vs_no_cache", "vs_resident", "peak_mib",
+           "peak_vs_dense", "hit_rate", "prediction_accuracy", "bytes_moved_per_token", "stalls_per_token", "hidden_fraction",
            "prefill_hidden_fraction", "layer_prediction_accuracy"]
 
 
@@ -88,12 +94,14 @@ def _cache_columns(cache: ClusterOffloader, tokens: int) -> dict:
             "budget_bytes": cache.budget}
 
 
-def _decode(model, prompt, new: int, device, repeats: int, use_cache=True, cache=None) -> dict:
-    """Warm-up; with offload, one prefill of the prompt on an emptied cache and a second
-    warm-up; then the timed decode runs."""
+def _decode(model, prompt, new: int, device, repeats: int, use_cache=True, cache=None,
+            graph=False) -> dict:
+    """Warm-up (which also captures the graph); with offload, one prefill of the prompt on an
+    emptied cache and a second warm-up; then the timed decode runs."""
     def run():
         generator = torch.Generator(device).manual_seed(0)
-        model.generate(prompt, new, temperature=1.0, generator=generator, use_cache=use_cache)
+        model.generate(prompt, new, temperature=1.0, generator=generator, use_cache=use_cache,
+                       cuda_graph=graph)
     with torch.no_grad():
         run()
         row = {}
@@ -112,17 +120,30 @@ def _decode(model, prompt, new: int, device, repeats: int, use_cache=True, cache
     return row
 
 
+def _variants(device) -> list[tuple]:
+    """(row name, moe, int4, offload fraction or None, KV cache, CUDA graph). Eager rows come
+    first; with CUDA the resident models decode again from a CUDA graph (decode.py). Offload
+    cannot be graphed, so its rows compare with the eager resident INT4 row."""
+    rows = [("dense (no KV cache)", "dense", False, None, False, False)]
+    rows += [(name, moe, "int4" in name, None, True, False) for name, moe in (
+        ("dense", "dense"), ("topk", "topk"), ("clustered", "clustered"),
+        ("clustered+int4", "clustered"))]
+    rows += [(f"clustered+int4+offload {f:.0%}", "clustered", True, f, True, False)
+             for f in BUDGETS]
+    if torch.device(device).type == "cuda":
+        rows += [(name + ", graph", moe, int4, None, True, True)
+                 for name, moe, int4, fraction, cached, _ in rows[1:5]]
+    return rows
+
+
 def _size_rows(cfg, size: str, preset: str, device, dtype) -> list[dict]:
     prompt_len, new, repeats = _workload(cfg)
-    variants = [("dense (no KV cache)", "dense", None), ("dense", "dense", None), ("topk", "topk", None),
-                ("clustered", "clustered", None), ("clustered+int4", "clustered", None)]
-    variants += [(f"clustered+int4+offload {f:.0%}", "clustered", f) for f in BUDGETS]
     rows = []
-    for name, moe, fraction in variants:
+    for name, moe, int4, fraction, cached, graph in _variants(device):
         free_memory(device)
         tc = _config(cfg, moe, preset, prompt_len + new)
         model = build_model(tc, device, dtype).eval()
-        if "int4" in name:  # 16-bit bases in the forward's dtype: no per-step cast
+        if int4:  # 16-bit bases in the forward's dtype: no per-step cast
             quantize_model(model, base_dtype=dtype if dtype != torch.float32 else torch.float16)
         cache = _offload(model, fraction, device) if fraction is not None else None
         prompt = torch.randint(0, min(tc.vocab_size, 50257), (1, prompt_len), device=device,
@@ -131,12 +152,17 @@ def _size_rows(cfg, size: str, preset: str, device, dtype) -> list[dict]:
                "block_size": tc.block_size}
         if cache is not None:
             row["budget_entries"] = cache.budget // cache.entry_bytes((0, 0))
-        row.update(_decode(model, prompt, new, device, repeats, "no KV cache" not in name, cache))
+        row.update(_decode(model, prompt, new, device, repeats, cached, cache, graph))
         rows.append(row)
+        print(f"decode row {row}", file=sys.stderr, flush=True)  # survives a timed-out run
         del model, cache
-    uncached = rows[0]["decode_tokens_per_sec"]
+    speed = {row["model"]: row["decode_tokens_per_sec"] for row in rows}
+    dense_mib = next(row["peak_mib"] for row in rows if row["model"] == "dense")
     for row in rows:
-        row["vs_no_cache"] = row["decode_tokens_per_sec"] / uncached
+        row["vs_no_cache"] = row["decode_tokens_per_sec"] / speed["dense (no KV cache)"]
+        row["peak_vs_dense"] = row["peak_mib"] / dense_mib
+        if "offload" in row["model"]:  # against the eager resident model: neither is graphed
+            row["vs_resident"] = row["decode_tokens_per_sec"] / speed["clustered+int4"]
     return rows
 
 

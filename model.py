@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import clustered_expert_params
+from decode import GraphedStep
 from experts import MATMULS, ClusteredBank, ExpertBank, gelu, resolve_combine, resolve_matmul
 from router import Routing, hierarchical_route, topk_route
 
@@ -94,20 +95,31 @@ class KVCache:
     the dtype attention produces, and written in place: a decode step stores one position
     instead of concatenating the history. `length` counts cached positions; GPT.hidden_states
     advances it once every layer has written.
+
+    Static mode (decode.py's CUDA graph): with `positions` set, a device tensor (T,) of the
+    step's positions, keys are written there and attention spans the whole buffer under a
+    mask, so every step has the same shapes and no host-side value enters the kernels.
     """
 
     def __init__(self, n_layer: int, block_size: int):
         self.n_layer, self.block_size = n_layer, block_size
         self.k = self.v = None
         self.length = 0
+        self.positions = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, T, hd) after the cached positions -> this layer's keys and values
         so far, (B, H, length + T, hd) each."""
         if self.k is None:
             B, H, _, hd = k.shape
-            self.k = k.new_empty(self.n_layer, B, H, self.block_size, hd)
-            self.v = v.new_empty(self.n_layer, B, H, self.block_size, hd)
+            # Zeros, not empty: static mode reads the whole buffer, and a masked NaN still
+            # poisons softmax @ V.
+            self.k = k.new_zeros(self.n_layer, B, H, self.block_size, hd)
+            self.v = v.new_zeros(self.n_layer, B, H, self.block_size, hd)
+        if self.positions is not None:
+            self.k[layer].index_copy_(2, self.positions, k)
+            self.v[layer].index_copy_(2, self.positions, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
@@ -132,10 +144,13 @@ class CausalSelfAttention(nn.Module):
         # and keys start at the same position (no past). One new query may see every cached
         # key (no mask); a chunk after a past needs the offset form: query i sees keys <= past + i.
         mask = None
-        if past and T > 1:
+        if cache is not None and cache.positions is not None:  # static: (T, block_size)
+            mask = torch.arange(cache.block_size, device=x.device) <= cache.positions.unsqueeze(1)
+        elif past and T > 1:
             mask = (torch.arange(past + T, device=x.device)
                     <= past + torch.arange(T, device=x.device).unsqueeze(1))  # (T, past + T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=past == 0 and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -339,7 +354,8 @@ class GPT(nn.Module):
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        static = cache is not None and cache.positions is not None
+        pos = cache.positions if static else torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))                      # (B, T, C)
         aux = x.new_zeros(())
         for i, block in enumerate(self.blocks):
@@ -398,20 +414,27 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True):
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 cuda_graph: bool = False):
         """idx (B, T) -> (B, T + max_new_tokens). temperature 0 is greedy (argmax).
 
         use_cache: run the prompt once (prefill), then feed one token per step against a
         KVCache. Without it every step re-runs the last block_size tokens: the slow reference
         the cached path is tested against.
+        cuda_graph: replay the cached decode step from a CUDA graph (decode.py; needs CUDA and
+        no offload, else ValueError).
         """
         block = self.cfg.block_size
         cache = KVCache(self.cfg.n_layer, block) if use_cache else None
+        if cuda_graph:
+            step_fn = GraphedStep(self)
+        else:
+            step_fn = lambda token, kv: self(token, cache=kv)[0]  # noqa: E731
         for step in range(max_new_tokens):
             if cache is None:
                 logits, _, _ = self(idx[:, -block:])
             elif step > 0 and cache.length < block:
-                logits, _, _ = self(idx[:, -1:], cache=cache)
+                logits = step_fn(idx[:, -1:], cache)
             else:
                 # Prefill; or the cache is full. Positions are learned and absolute, so sliding
                 # the window by one token moves every token to a new position and stales every

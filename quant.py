@@ -224,9 +224,12 @@ class Int4Store(nn.Module):
         self.register_buffer("scale", q.scale)
         self.register_buffer("zero", q.zero if q.zero is not None else q.scale.new_zeros(0))
         self.register_buffer("meta", torch.tensor([q.group_size, int(q.symmetric), *q.shape]))
+        # The same values on the host: reading the buffer each forward would sync with the GPU
+        # (and cannot be captured in a CUDA graph).
+        self._meta = tuple(self.meta.tolist())
 
     def tensor(self) -> Int4Tensor:
-        group_size, symmetric, *shape = self.meta.tolist()
+        group_size, symmetric, *shape = self._meta
         return Int4Tensor(self.packed, self.scale, None if symmetric else self.zero, shape,
                           group_size, symmetric)
 
@@ -243,6 +246,8 @@ class Int4Store(nn.Module):
             if incoming is not None and incoming.shape != buf.shape:
                 setattr(self, name, torch.empty_like(incoming, device=buf.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "meta" in state_dict:
+            self._meta = tuple(state_dict[prefix + "meta"].tolist())
 
 
 def quantize_model(model: nn.Module, group_size: int = 64, symmetric: bool = True,

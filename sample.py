@@ -3,7 +3,8 @@
 Owns: SampleConfig and the prompt -> tokens -> generate -> text loop, with two inference
 options for a clustered checkpoint: `--int4` (FP16 bases, INT4 residual factors) and
 `--offload_budget=N` (expert weights stay in CPU memory; at most N (layer, cluster) entries
-live on the device). Prints tokens/s and, with offload, the cache's counters.
+live on the device). On CUDA the decode step replays from a CUDA graph where it can
+(decode.py; not with offload). Prints tokens/s and, with offload, the cache's counters.
 Nothing else: the KV cache is model.py's, quantization quant.py's, the cluster cache and
 its next-layer predictor offload.py's.
 """
@@ -16,6 +17,7 @@ import torch
 
 import data
 from cli import load_model, parse_config, resolve_device
+from decode import graph_unsupported
 from offload import ClusterOffloader
 from quant import quantize_model
 
@@ -34,6 +36,8 @@ class SampleConfig:
     use_cache: bool = True       # KV cache; false re-runs the whole context every token
     int4: bool = False           # clustered checkpoints: store the expert banks INT4
     offload_budget: int = 0      # clustered checkpoints: cluster entries on the device; 0 = off
+    cuda_graph: bool = True      # replay the decode step from a CUDA graph where one can run
+                                 # (CUDA, KV cache, no offload: decode.py); else eager
 
     def validate(self):
         rules = [
@@ -102,12 +106,13 @@ def main(cfg: SampleConfig) -> dict:
     enc = data.get_encoding()
     prompt = torch.tensor([enc.encode(cfg.prompt, allowed_special="all")], device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    graph = cfg.cuda_graph and cfg.use_cache and graph_unsupported(model) is None
     texts, seconds = [], 0.0
     for _ in range(cfg.num_samples):
         start = time.perf_counter()
         with autocast:
             out = model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                                 generator, use_cache=cfg.use_cache)
+                                 generator, use_cache=cfg.use_cache, cuda_graph=graph)
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
@@ -120,7 +125,7 @@ def main(cfg: SampleConfig) -> dict:
     print(f"{new_tokens} new tokens in {seconds:.2f} s: {tokens_per_sec:.1f} tokens/s, the first "
           f"sample's warm-up included "
           f"(batch 1, prompt {prompt.shape[1]} tokens, {'KV cache' if cfg.use_cache else 'no cache'}"
-          f"{', INT4' if cfg.int4 else ''}, {device})")
+          f"{', CUDA graph' if graph else ''}{', INT4' if cfg.int4 else ''}, {device})")
     offload = report(cache, new_tokens) if cache is not None else None
     return {"texts": texts, "tokens_per_sec": tokens_per_sec, "offload": offload}
 

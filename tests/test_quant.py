@@ -304,3 +304,15 @@ def test_quantize_model_leaves_topk_alone():
     from quant import quantize_model
     assert quantize_model(GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, ffn_hidden=16,
                                         n_experts=4, vocab_size=32, block_size=8))) == 0
+
+
+def test_int4_store_reads_meta_from_the_host_after_loading():
+    """tensor() reads shape and group size from a host copy (no GPU sync per forward), which
+    loading a checkpoint of another shape and group size must refresh."""
+    from quant import Int4Store
+    w = torch.randn(3, 8, 128, generator=torch.Generator().manual_seed(0))
+    stored = Int4Store(quantize_int4(w, group_size=32))
+    other = Int4Store(quantize_int4(torch.randn(2, 4, 64), group_size=64))
+    other.load_state_dict(stored.state_dict())
+    assert other.tensor().shape == (3, 8, 128) and other.tensor().group_size == 32
+    torch.testing.assert_close(other.dequantize(), stored.dequantize(), rtol=0, atol=0)
