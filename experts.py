@@ -52,10 +52,15 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> to
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    # The kernel needs 16-byte aligned rows (e.g. multiples of 8 bf16 values); tiny or odd
-    # widths take the loop instead of failing.
-    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
-        return grouped_mm_loop(x, w, offs)
+    # The kernel needs 16-byte aligned rows (multiples of 8 bf16 values). Tiny or odd widths
+    # are zero-padded rather than sent to the loop: the loop reads group sizes on the host,
+    # which a CUDA graph cannot capture. Zero columns of x meet zero rows of w, so the padded
+    # product sliced back is exact.
+    step = 16 // x.element_size()
+    pad_k, pad_m = -x.shape[-1] % step, -w.shape[-1] % step
+    if pad_k or pad_m:
+        x, w = F.pad(x, (0, pad_k)), F.pad(w, (0, pad_m, 0, pad_k))
+        return torch._grouped_mm(x, w, offs=offs)[:, :w.shape[-1] - pad_m]
     return torch._grouped_mm(x, w, offs=offs)
 
 

@@ -30,6 +30,30 @@ def test_grouped_mm_loop_matches_per_group_matmul():
         torch.testing.assert_close(fused, y)
 
 
+def test_grouped_mm_fused_pads_unaligned_widths_exactly():
+    """Widths the kernel cannot take (12 and 4 bf16 values) are zero-padded, not looped over:
+    the loop reads group sizes on the host, which a CUDA graph cannot capture."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    torch.manual_seed(0)
+    x = torch.randn(10, 12, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, 12, 4, dtype=torch.bfloat16, requires_grad=True)
+    offs = torch.tensor([3, 3, 10], dtype=torch.int32)
+    try:
+        fused = grouped_mm_fused(x, w, offs)
+    except RuntimeError:
+        pytest.skip("torch._grouped_mm has no CPU kernel in this torch")
+    assert fused.shape == (10, 4)
+    fused.float().square().sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    loop = grouped_mm_loop(x, w, offs)
+    loop.float().square().sum().backward()
+    torch.testing.assert_close(fused, loop)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
 def _expert_bank(n_experts, d, h, std, capacity_factor=0.0):
     bank = ExpertBank(n_experts, d, h, capacity_factor)
     with torch.no_grad():
