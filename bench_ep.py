@@ -13,6 +13,9 @@ training steps (forward, backward, ep.sync_grads, fused AdamW; bf16 autocast on 
   a2a_ms               time inside the exchanges of a step (the counts exchange and every
                        all_to_all_single, forward and backward, CUDA events around each),
                        waiting for the slowest rank included
+  a2a_wire_ms          the same exchanges without the wait: `steps` further steps in which a
+                       1-element all-reduce lines the ranks up before each exchange (CUDA,
+                       world > 1); what the bytes cost on the wire
   a2a_mib              activation bytes a rank sends to OTHER ranks per step, forward
                        (dispatch + combine rows, ExpertParallelMoE.bytes_sent); the backward
                        sends the same again; the small gate / id exchanges are not counted
@@ -84,8 +87,17 @@ def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> 
 
     for _ in range(cfg.warmup):
         step()
-    step_ms, a2a_ms, a2a_bytes = [], [], []
     cuda = device.type == "cuda"
+    wire_ms = []
+    if cuda and world > 1:  # separate steps, so the aligning all-reduces cost the others nothing
+        ep.ALIGN_BEFORE_EXCHANGE = True
+        for _ in range(cfg.steps):
+            ep.COMM_EVENTS = []
+            step()
+            torch.cuda.synchronize(device)
+            wire_ms.append(sum(a.elapsed_time(b) for a, b in ep.COMM_EVENTS))
+        ep.ALIGN_BEFORE_EXCHANGE = False
+    step_ms, a2a_ms, a2a_bytes = [], [], []
     for _ in range(cfg.steps):
         ep.COMM_EVENTS = []
         if cuda:
@@ -104,17 +116,20 @@ def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> 
                              if isinstance(layer, ep.ExpertParallelMoE)))
     ep.COMM_EVENTS = None
     local = torch.tensor([statistics.median(step_ms), statistics.median(a2a_ms),
-                          statistics.fmean(a2a_bytes)], device=device, dtype=torch.float64)
+                          statistics.fmean(a2a_bytes),
+                          statistics.median(wire_ms) if wire_ms else float("nan")],
+                         device=device, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(local)
         local /= world
-    step_time, comm, sent = local.tolist()
+    step_time, comm, sent, wire = local.tolist()
     del model, optimizer
     if cuda:
         torch.cuda.empty_cache()
     return {"model": moe, "preset": cfg.preset or "default", "world": world,
             "batch_per_rank": tc.batch_size, "block_size": tc.block_size, "step_ms": step_time,
             "tokens_per_sec": world * x.numel() / step_time * 1e3, "a2a_ms": comm,
+            "a2a_wire_ms": None if wire != wire else wire,
             "a2a_mib": sent / 2**20, "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
 
 
@@ -142,7 +157,7 @@ def main(argv) -> list[dict]:
         row["scaling"] = row["tokens_per_sec"] / one["tokens_per_sec"] if one else None
     if rank == 0:
         columns = ["model", "preset", "world", "block_size", "step_ms", "tokens_per_sec", "a2a_ms",
-                   "a2a_mib", "bytes_vs_topk", "scaling"]
+                   "a2a_wire_ms", "a2a_mib", "bytes_vs_topk", "scaling"]
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
         print(f"Expert parallelism, {world} x {rows[0]['device']}, batch {cfg.batch_size} per rank:")
         print("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))

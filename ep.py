@@ -39,12 +39,18 @@ from router import Routing, count
 
 # bench_ep.py sets this to a list to time every exchange: (start, end) CUDA events around each.
 COMM_EVENTS = None
+# And this to True to time the transfer alone: a 1-element all-reduce before each exchange
+# lines the ranks up, so `start` follows the slowest rank's arrival and the wait for it
+# (load imbalance, slower compute elsewhere) falls outside the events.
+ALIGN_BEFORE_EXCHANGE = False
 
 
 def _all_to_all(out, x, recv_counts=None, send_counts=None, group=None):
     timing = COMM_EVENTS is not None and x.is_cuda
     if timing:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if ALIGN_BEFORE_EXCHANGE:
+            dist.all_reduce(torch.zeros(1, device=x.device), group=group)
         start.record()
     dist.all_to_all_single(out, x, recv_counts, send_counts, group=group)
     if timing:
