@@ -21,9 +21,8 @@ Columns (offload rows only for hit_rate onwards):
   the double-buffered path).
 Random-init models (clustered ones clustered at once, as bench.py does) are fine for speed;
 their routing is not a trained model's, so with `decode_ckpt` set on the config the trained
-checkpoint adds rows with per-layer prediction accuracy on its held-out text: a prefill of
-val windows (every token scored; once more with the predictor fed layer l's input as is, not
-re-normalized) and a decode from a val prompt.
+checkpoint adds two rows with per-layer prediction accuracy on its held-out text: a prefill
+of val windows (every token scored) and a decode from a val prompt.
 Does not own: the model, the cache of clusters or the timing helper (model.py, offload.py,
 bench_layers.timed); bench.py owns BenchConfig and the printed tables.
 """
@@ -194,15 +193,10 @@ def _checkpoint_rows(path: str, cfg, device, dtype) -> list[dict]:
     windows = torch.stack([torch.from_numpy(val[i * stride:i * stride + block].astype("int64"))
                            for i in range(CKPT_WINDOWS)]).to(device)          # (W, block)
     name = f"checkpoint int4+offload {CKPT_BUDGET:.0%}"
-    rows = []
-    # The predictor with and without re-normalizing by the next layer's LayerNorm (offload.py).
-    for renormalize, label in ((False, "val prefill, guess from layer l's input"), (True, "val prefill")):
-        cache.renormalize = renormalize
-        with torch.no_grad(), autocast:
-            model(windows)
-        rows.append({"size": "checkpoint", "model": f"{name}: {label}",
-                     **_cache_columns(cache, windows.numel())})
-        cache.reset_stats()
+    with torch.no_grad(), autocast:
+        model(windows)
+    rows = [{"size": "checkpoint", "model": f"{name}: val prefill", **_cache_columns(cache, windows.numel())}]
+    cache.reset_stats()
     # Within the window: past block_size every step would re-prefill it (model.generate).
     prompt = windows[:1, :min(prompt_len, block // 2)]
     new = min(new, block - prompt.shape[1])

@@ -16,9 +16,8 @@ Double buffering (prefill). Tokens are sorted by cluster once and clusters are c
 at a time; while cluster c computes, cluster c+1 is already copying in.
 
 Next-layer prediction (decode and prefill alike). While layer l runs, layer l+1's cluster
-router is applied to layer l's MoE input re-normalized with layer l+1's LayerNorm gains (the
-residual stream changes little between layers, the norms' gains do); each token's argmax is
-its predicted cluster at layer l+1. The predicted clusters,
+router is applied to layer l's MoE input (the residual stream changes little between
+layers); each token's argmax is its predicted cluster at layer l+1. The predicted clusters,
 most-predicted first, start copying once layer l's own copies are queued, into budget that
 layer l's clusters in use do not need: a guess never evicts them. When layer l+1 routes,
 each token scores one prediction, correct when its predicted cluster is the cluster it is
@@ -82,11 +81,7 @@ class ClusterOffloader:
         self.device = torch.device(device)
         self.budget = int(budget_bytes)
         self.prefetch_enabled = prefetch
-        self.renormalize = True  # the predictor's input: see _next_norm (False: layer l's input)
         self.layers = [layer for layer in model.moe_layers() if layer.clustered]
-        # Each layer's pre-FFN LayerNorm (Block.ln2): the predictor re-normalizes with them.
-        self.norms = [next((b.ln2 for b in getattr(model, "blocks", ()) if b.ffn is layer), None)
-                      for layer in self.layers]
         if not self.layers:
             raise ValueError("offload needs clustered MoE layers (train with --moe=clustered "
                              "past warmup_iters, or run cluster.recluster_model first)")
@@ -232,22 +227,6 @@ class ClusterOffloader:
         unpacked = self.layers[index].bank.unpack(entry.tensors, dtype)
         return {n: v.unsqueeze(0) for n, v in unpacked.items()}
 
-    def _next_norm(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Layer `index`'s MoE input x = ln2_l(r) = s * g_l + b_l, s the standardized residual r.
-        The next router expects ln2_{l+1} of its residual, whose affine part differs per layer:
-        LayerNorm forgets r's scale, so ln2_{l+1}(r) = (x - b_l) / g_l * g_{l+1} + b_{l+1},
-        exactly. Where g_l is zero, x holds nothing of r and passes through unchanged. The
-        residual still misses layer l's FFN and layer l+1's attention: that, not the norm, is
-        what a guess cannot know."""
-        this, following = self.norms[index], self.norms[index + 1]
-        if not self.renormalize or this is None or following is None or this.weight is None:
-            return x
-        gain = this.weight.to(x.dtype)
-        bias = 0 if this.bias is None else this.bias.to(x.dtype)
-        nbias = 0 if following.bias is None else following.bias.to(x.dtype)
-        renormed = (x - bias) / gain * following.weight.to(x.dtype) + nbias
-        return torch.where(gain != 0, renormed, x)
-
     def _route_on_host(self, index: int, x: torch.Tensor, routing: Routing):
         """The one host sync of a layer -> (tokens per cluster, tokens per predicted cluster of
         the next layer or None). Scores the prediction made for this layer on the way."""
@@ -259,7 +238,7 @@ class ClusterOffloader:
         predicting = self.prefetch_enabled and index + 1 < len(self.layers)
         if predicting:
             following = self.layers[index + 1]
-            guess = following.cluster_logits(self._next_norm(x, index)).argmax(-1)  # (N,)
+            guess = following.cluster_logits(x).argmax(-1)  # (N,)
             self.predicted[index + 1] = guess
             parts.append(count(guess, following.bank.n_clusters))
         host = torch.cat(parts).tolist()

@@ -159,15 +159,13 @@ def test_bench_decode_smoke_returns_every_row(tmp_path):
     names = [r["model"] for r in rows]
     assert names == ["dense (no KV cache)", "dense", "topk", "clustered", "clustered+int4",
                      "clustered+int4+offload 25%", "clustered+int4+offload 50%",
-                     "clustered+int4+offload 100%",
-                     "checkpoint int4+offload 50%: val prefill, guess from layer l's input",
-                     "checkpoint int4+offload 50%: val prefill", "checkpoint int4+offload 50%: decode"]
-    for prefill in rows[-3:-1]:
-        assert prefill["layer_prediction_values"][0] is None and len(prefill["layer_prediction_values"]) == 3
-        assert all(0 <= a <= 1 for a in prefill["layer_prediction_values"][1:])
-    decode = rows[-1]
+                     "clustered+int4+offload 100%", "checkpoint int4+offload 50%: val prefill",
+                     "checkpoint int4+offload 50%: decode"]
+    prefill, decode = rows[-2:]
+    assert prefill["layer_prediction_values"][0] is None and len(prefill["layer_prediction_values"]) == 3
+    assert all(0 <= a <= 1 for a in prefill["layer_prediction_values"][1:])
     assert decode["decode_tokens_per_sec"] > 0 and decode["prediction_accuracy"] is not None
-    rows = rows[:-3]
+    rows = rows[:-2]
     assert all(r["decode_tokens_per_sec"] > 0 and set(COLUMNS[:4]) <= set(r) for r in rows)
     offload = {r["model"]: r for r in rows if "offload" in r["model"]}
     assert [r["budget_entries"] for r in offload.values()] == [1, 2, 4]
