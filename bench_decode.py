@@ -21,8 +21,9 @@ Columns (offload rows only for hit_rate onwards):
   the double-buffered path).
 Random-init models (clustered ones clustered at once, as bench.py does) are fine for speed;
 their routing is not a trained model's, so with `decode_ckpt` set on the config the trained
-checkpoint adds two rows with per-layer prediction accuracy on its held-out text: a prefill
-of val windows (every token scored) and a decode from a val prompt.
+checkpoint adds rows with per-layer prediction accuracy on its held-out text, for each place
+the guess is made (offload.PREDICT_AT): a prefill of val windows (every token scored) and a
+decode from a val prompt.
 Does not own: the model, the cache of clusters or the timing helper (model.py, offload.py,
 bench_layers.timed); bench.py owns BenchConfig and the printed tables.
 """
@@ -34,7 +35,7 @@ import torch
 import data
 from bench_layers import build_model, free_memory, peak_mib, timed
 from cli import load_model
-from offload import ClusterOffloader
+from offload import PREDICT_AT, ClusterOffloader
 from quant import quantize_model
 from train import PRESETS, TrainConfig
 
@@ -192,17 +193,22 @@ def _checkpoint_rows(path: str, cfg, device, dtype) -> list[dict]:
     stride = len(val) // CKPT_WINDOWS
     windows = torch.stack([torch.from_numpy(val[i * stride:i * stride + block].astype("int64"))
                            for i in range(CKPT_WINDOWS)]).to(device)          # (W, block)
-    name = f"checkpoint int4+offload {CKPT_BUDGET:.0%}"
-    with torch.no_grad(), autocast:
-        model(windows)
-    rows = [{"size": "checkpoint", "model": f"{name}: val prefill", **_cache_columns(cache, windows.numel())}]
-    cache.reset_stats()
     # Within the window: past block_size every step would re-prefill it (model.generate).
     prompt = windows[:1, :min(prompt_len, block // 2)]
     new = min(new, block - prompt.shape[1])
-    with autocast:
-        row = _decode(model, prompt, new, device, repeats, cache=cache)
-    rows.append({"size": "checkpoint", "model": f"{name}: decode", **row})
+    rows = []
+    for predict_at in PREDICT_AT:
+        cache.predict_at, name = predict_at, f"checkpoint int4+offload {CKPT_BUDGET:.0%}, guess at {predict_at}"
+        cache.evict_all()
+        cache.reset_stats()
+        with torch.no_grad(), autocast:
+            model(windows)
+        rows.append({"size": "checkpoint", "model": f"{name}: val prefill",
+                     **_cache_columns(cache, windows.numel())})
+        cache.reset_stats()
+        with autocast:
+            row = _decode(model, prompt, new, device, repeats, cache=cache)
+        rows.append({"size": "checkpoint", "model": f"{name}: decode", **row})
     return rows
 
 

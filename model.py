@@ -327,6 +327,9 @@ class Block(nn.Module):
             self.ffn = MoE(cfg)
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        offload = getattr(self.ffn, "offload", None)
+        if offload is not None and offload.predict_at == "block":
+            offload.anticipate(self.ffn.offload_index, self.ln2(x))  # copies overlap attention
         x = x + self.attn(self.ln1(x), cache, layer)
         y, aux = self.ffn(self.ln2(x))
         return x + y, aux

@@ -23,7 +23,10 @@ layer l's clusters in use do not need: a guess never evicts them. When layer l+1
 each token scores one prediction, correct when its predicted cluster is the cluster it is
 routed to: stats['predictions'] and stats['correct'], per layer in stats['layer_predictions']
 and stats['layer_correct'] (index 0, the first clustered layer, is never predicted). With
-one token per step (decoding) "per token" is "per step".
+one token per step (decoding) "per token" is "per step". `predict_at="block"` guesses later
+and better: layer l+1's block calls `anticipate` with its input (layer l's FFN included),
+before its attention, which the copies then overlap (PREDICT_AT says what each costs); every
+layer is predicted then, the first one from the embeddings.
 
 Transfer timing (CUDA). Each copy records an event on the side stream before and after it,
 and one on the compute stream when its cluster is first needed. Per copy: copy = end - start,
@@ -60,6 +63,13 @@ def _record_stream(value, stream):
             tensor.record_stream(stream)
 
 
+# Where layer l+1's clusters are guessed: "ffn", from layer l's FFN input while layer l
+# computes (the copy overlaps layer l's experts and layer l+1's attention); "block", from
+# layer l+1's block input, i.e. after layer l's FFN (the copy overlaps only layer l+1's
+# attention, and costs a second host sync per layer, but the guess has seen layer l's FFN).
+PREDICT_AT = ("ffn", "block")
+
+
 @dataclass
 class _Entry:
     """One resident cluster: its tensors on the device and, on CUDA, its copy's events."""
@@ -77,10 +87,14 @@ class ClusterOffloader:
     `prefetch=False` turns off the next-layer predictor (double buffering within a layer stays).
     """
 
-    def __init__(self, model, budget_bytes: int, device, prefetch: bool = True):
+    def __init__(self, model, budget_bytes: int, device, prefetch: bool = True,
+                 predict_at: str = "ffn"):
+        if predict_at not in PREDICT_AT:
+            raise ValueError(f"predict_at must be one of {PREDICT_AT}, got {predict_at!r}")
         self.device = torch.device(device)
         self.budget = int(budget_bytes)
         self.prefetch_enabled = prefetch
+        self.predict_at = predict_at
         self.layers = [layer for layer in model.moe_layers() if layer.clustered]
         if not self.layers:
             raise ValueError("offload needs clustered MoE layers (train with --moe=clustered "
@@ -227,6 +241,17 @@ class ClusterOffloader:
         unpacked = self.layers[index].bank.unpack(entry.tensors, dtype)
         return {n: v.unsqueeze(0) for n, v in unpacked.items()}
 
+    def anticipate(self, index: int, h: torch.Tensor):
+        """predict_at="block": layer `index`'s block calls this with its LayerNorm'd input
+        (before attention); its router's guess starts the copies at once, into budget that
+        the clusters of the layer before no longer need."""
+        if self.predict_at != "block" or not self.prefetch_enabled:
+            return
+        layer = self.layers[index]
+        guess = layer.cluster_logits(h.reshape(-1, h.shape[-1])).argmax(-1)     # (N,)
+        self.predicted[index] = guess
+        self._speculate(index, count(guess, layer.bank.n_clusters).tolist(), set())
+
     def _route_on_host(self, index: int, x: torch.Tensor, routing: Routing):
         """The one host sync of a layer -> (tokens per cluster, tokens per predicted cluster of
         the next layer or None). Scores the prediction made for this layer on the way."""
@@ -235,7 +260,7 @@ class ClusterOffloader:
         parts = [routing.cluster_counts.float()]
         if scored:
             parts.append((predicted == routing.cluster_idx).sum().float().view(1))
-        predicting = self.prefetch_enabled and index + 1 < len(self.layers)
+        predicting = self.prefetch_enabled and self.predict_at == "ffn" and index + 1 < len(self.layers)
         if predicting:
             following = self.layers[index + 1]
             guess = following.cluster_logits(x).argmax(-1)  # (N,)

@@ -18,7 +18,7 @@ import torch
 import data
 from cli import load_model, parse_config, resolve_device
 from decode import graph_unsupported
-from offload import ClusterOffloader
+from offload import PREDICT_AT, ClusterOffloader
 from quant import quantize_model
 
 
@@ -36,6 +36,7 @@ class SampleConfig:
     use_cache: bool = True       # KV cache; false re-runs the whole context every token
     int4: bool = False           # clustered checkpoints: store the expert banks INT4
     offload_budget: int = 0      # clustered checkpoints: cluster entries on the device; 0 = off
+    predict_at: str = "ffn"      # offload: where the next layer's clusters are guessed (offload.PREDICT_AT)
     cuda_graph: bool = True      # replay the decode step from a CUDA graph where one can run
                                  # (CUDA, KV cache, no offload: decode.py); else eager
 
@@ -47,6 +48,7 @@ class SampleConfig:
             (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto|float32|bfloat16"),
             (self.offload_budget >= 0, "offload_budget must be >= 0 cluster entries (0 = no offload)"),
+            (self.predict_at in PREDICT_AT, f"predict_at must be one of {'|'.join(PREDICT_AT)}"),
         ]
         for ok, message in rules:
             if not ok:
@@ -72,7 +74,7 @@ def prepare(model, cfg: SampleConfig, device: str, dtype: str):
         quantize_model(model, base_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
     if cfg.offload_budget == 0:
         return None, autocast
-    cache = ClusterOffloader(model, 0, device)
+    cache = ClusterOffloader(model, 0, device, predict_at=cfg.predict_at)
     cache.budget = cfg.offload_budget * cache.entry_bytes((0, 0))
     return cache, autocast
 

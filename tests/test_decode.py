@@ -118,9 +118,10 @@ def test_cuda_graph_decode_equals_eager(moe, int4):
                            fp32.generate(prompt, 20, 0.0))
 
 
-def test_offloaded_decoding_equals_resident_int4():
+@pytest.mark.parametrize("predict_at", ["ffn", "block"])
+def test_offloaded_decoding_equals_resident_int4(predict_at):
     resident, offloaded = _model("clustered", True), _model("clustered", True)
-    cache = ClusterOffloader(offloaded, 0, "cpu")
+    cache = ClusterOffloader(offloaded, 0, "cpu", predict_at=predict_at)
     cache.budget = 2 * cache.entry_bytes((0, 0))     # half of the 2 x 2 entries
     prompt = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
     for temperature in (0.0, 1.0):
@@ -132,9 +133,10 @@ def test_offloaded_decoding_equals_resident_int4():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_offloaded_decoding_equals_resident():
+@pytest.mark.parametrize("predict_at", ["ffn", "block"])
+def test_cuda_offloaded_decoding_equals_resident(predict_at):
     resident, offloaded = _model("clustered", True, "cuda"), _model("clustered", True, "cuda")
-    cache = ClusterOffloader(offloaded, 0, "cuda")
+    cache = ClusterOffloader(offloaded, 0, "cuda", predict_at=predict_at)
     cache.budget = 2 * cache.entry_bytes((0, 0))
     prompt = torch.randint(0, 64, (1, 6), device="cuda")
     assert torch.equal(_generate(offloaded, prompt, 14, 0.0), _generate(resident, prompt, 14, 0.0))
@@ -159,13 +161,15 @@ def test_bench_decode_smoke_returns_every_row(tmp_path):
     names = [r["model"] for r in rows]
     assert names == ["dense (no KV cache)", "dense", "topk", "clustered", "clustered+int4",
                      "clustered+int4+offload 25%", "clustered+int4+offload 50%",
-                     "clustered+int4+offload 100%", "checkpoint int4+offload 50%: val prefill",
-                     "checkpoint int4+offload 50%: decode"]
-    prefill, decode = rows[-2:]
-    assert prefill["layer_prediction_values"][0] is None and len(prefill["layer_prediction_values"]) == 3
-    assert all(0 <= a <= 1 for a in prefill["layer_prediction_values"][1:])
-    assert decode["decode_tokens_per_sec"] > 0 and decode["prediction_accuracy"] is not None
-    rows = rows[:-2]
+                     "clustered+int4+offload 100%"] + [
+                     f"checkpoint int4+offload 50%, guess at {at}: {what}"
+                     for at in ("ffn", "block") for what in ("val prefill", "decode")]
+    for (prefill, decode), first in zip((rows[-4:-2], rows[-2:]), (None, 0)):
+        per_layer = prefill["layer_prediction_values"]
+        assert len(per_layer) == 3 and (per_layer[0] is None) == (first is None)
+        assert all(0 <= a <= 1 for a in per_layer[1:])
+        assert decode["decode_tokens_per_sec"] > 0 and decode["prediction_accuracy"] is not None
+    rows = rows[:-4]
     assert all(r["decode_tokens_per_sec"] > 0 and set(COLUMNS[:4]) <= set(r) for r in rows)
     offload = {r["model"]: r for r in rows if "offload" in r["model"]}
     assert [r["budget_entries"] for r in offload.values()] == [1, 2, 4]

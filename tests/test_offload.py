@@ -120,6 +120,26 @@ def test_predictor_and_counters_are_exact_on_scripted_routing(entries, hits, mis
     assert cache.timing() == {"copy_ms": None, "stall_ms": None, "hidden_fraction": None}
 
 
+@pytest.mark.parametrize("entries, prefetches, evictions", [(12, 3, 0), (1, 9, 8)])
+def test_block_input_guesses_are_scored_and_counted_exactly(entries, prefetches, evictions):
+    """predict_at="block": each block guesses its own clusters from its LayerNorm'd input
+    before attention. In the scripted model that input is its router's input, so every guess
+    is right, every lookup hits, and only the guesses move bytes; with room for one entry,
+    each guess evicts the layer before's."""
+    model = _scripted()
+    cache = ClusterOffloader(model, 0, "cpu", predict_at="block")
+    entry = cache.entry_bytes((0, 0))
+    cache.budget = entries * entry
+    model.generate(torch.tensor([[3, 5]]), 3, temperature=0)
+    stats = cache.stats
+    assert (stats["hits"], stats["misses"], stats["stalls"]) == (9, 0, 0)
+    assert (stats["prefetches"], stats["evictions"]) == (prefetches, evictions)
+    assert stats["bytes_moved"] == prefetches * entry
+    assert stats["layer_predictions"] == [4, 4, 4] and stats["layer_correct"] == [4, 4, 4]
+    with pytest.raises(ValueError, match="predict_at"):
+        ClusterOffloader(_scripted(), 0, "cpu", predict_at="later")
+
+
 def test_no_prediction_without_prefetch_and_reset_stats():
     model = _scripted()
     cache = ClusterOffloader(model, 10**9, "cpu", prefetch=False)
