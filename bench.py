@@ -171,7 +171,7 @@ def bench_inference(cfg: BenchConfig, device) -> list[dict]:
             row = {"size": size, "model": variant, "n_layer": tc.n_layer, "n_embd": tc.n_embd,
                    "infer_tokens_per_sec": x.numel() / ms * 1e3, "peak_mib": peak_mib(device)}
             if cache:
-                row.update({k: cache.stats[k] for k in ("bytes_moved", "hits", "misses", "stalls")})
+                row.update({k: cache.stats[k] for k in ("bytes_moved", "hits", "misses", "prefetches", "stalls")})
                 # Double buffering: the share of copy time spent behind compute (None on CPU).
                 row["hidden_fraction"] = cache.timing()["hidden_fraction"]
                 row["vs_resident"] = row["infer_tokens_per_sec"] / rows[-1]["infer_tokens_per_sec"]
@@ -369,7 +369,7 @@ SECTIONS = {
                   lambda cfg, env: f"Inference (prefill {cfg.batch_size} x block tokens, bf16 weights "
                                    f"on CUDA; offload budget {cfg.offload_clusters} clusters):",
                   ["size", "model", "infer_tokens_per_sec", "vs_resident", "peak_mib",
-                   "bytes_moved", "hits", "misses", "stalls", "hidden_fraction"]),
+                   "bytes_moved", "hits", "misses", "prefetches", "stalls", "hidden_fraction"]),
     "quality": (bench_quality,
                 lambda cfg, env: f"Trainings on {cfg.dataset}, {cfg.train_iters} iterations x "
                                  f"{cfg.batch_size} x block tokens each, {cfg.seeds} seeds (mean +- std):",

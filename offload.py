@@ -88,7 +88,7 @@ class ClusterOffloader:
     """
 
     def __init__(self, model, budget_bytes: int, device, prefetch: bool = True,
-                 predict_at: str = "ffn"):
+                 predict_at: str = "block"):
         if predict_at not in PREDICT_AT:
             raise ValueError(f"predict_at must be one of {PREDICT_AT}, got {predict_at!r}")
         self.device = torch.device(device)

@@ -36,7 +36,7 @@ class SampleConfig:
     use_cache: bool = True       # KV cache; false re-runs the whole context every token
     int4: bool = False           # clustered checkpoints: store the expert banks INT4
     offload_budget: int = 0      # clustered checkpoints: cluster entries on the device; 0 = off
-    predict_at: str = "ffn"      # offload: where the next layer's clusters are guessed (offload.PREDICT_AT)
+    predict_at: str = "block"    # offload: where the next layer's clusters are guessed (offload.PREDICT_AT)
     cuda_graph: bool = True      # replay the decode step from a CUDA graph where one can run
                                  # (CUDA, KV cache, no offload: decode.py); else eager
 

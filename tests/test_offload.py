@@ -101,10 +101,10 @@ def _scripted(actual=(1, 2, 3), guessed=(None, 2, 0)):
     (2, 3, 6, 6, 10),    # per step: miss 0, right guess for 1 (a hit), wrong guess for 2 (a miss)
     (1, 0, 9, 0, 8),     # no room for a guess next to the cluster in use: every lookup misses
 ])
-def test_predictor_and_counters_are_exact_on_scripted_routing(entries, hits, misses, prefetches,
+def test_ffn_input_guesses_and_counters_are_exact_on_scripted_routing(entries, hits, misses, prefetches,
                                                               evictions):
     model = _scripted()
-    cache = ClusterOffloader(model, 0, "cpu")
+    cache = ClusterOffloader(model, 0, "cpu", predict_at="ffn")
     entry = cache.entry_bytes((0, 0))
     cache.budget = entries * entry
     prompt = torch.tensor([[3, 5]])
