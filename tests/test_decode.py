@@ -164,9 +164,9 @@ def test_bench_decode_smoke_returns_every_row(tmp_path):
                      "clustered+int4+offload 100%"] + [
                      f"checkpoint int4+offload 50%, guess at {at}: {what}"
                      for at in ("ffn", "block") for what in ("val prefill", "decode")]
-    for (prefill, decode), first in zip((rows[-4:-2], rows[-2:]), (None, 0)):
-        per_layer = prefill["layer_prediction_values"]
-        assert len(per_layer) == 3 and (per_layer[0] is None) == (first is None)
+    for (prefill, decode), at in zip((rows[-4:-2], rows[-2:]), ("ffn", "block")):
+        per_layer = prefill["layer_prediction_values"]  # "ffn" never guesses the first layer
+        assert len(per_layer) == 3 and (per_layer[0] is None) == (at == "ffn")
         assert all(0 <= a <= 1 for a in per_layer[1:])
         assert decode["decode_tokens_per_sec"] > 0 and decode["prediction_accuracy"] is not None
     rows = rows[:-4]
