@@ -27,6 +27,7 @@ more than of learned balance.
 Does not own: the layer, its exchange or its accounting (ep.py), the models (model.py).
 """
 import json
+import math
 import os
 import statistics
 import sys
@@ -53,6 +54,11 @@ class EPBenchConfig:
     baseline: str = ""             # a one-GPU run's jsonl (this script, nproc 1): scaling column
     out: str = "bench_ep.jsonl"    # rank 0 appends one JSON line per model
     tiny: bool = False             # a 2-layer toy model: a quick CPU check (tests), no measurement
+
+
+def _exchange_ms() -> float:
+    """Milliseconds inside the exchanges ep.COMM_EVENTS recorded (the step has synchronized)."""
+    return sum(a.elapsed_time(b) for a, b in ep.COMM_EVENTS)
 
 
 def _events():
@@ -95,7 +101,7 @@ def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> 
             ep.COMM_EVENTS = []
             step()
             torch.cuda.synchronize(device)
-            wire_ms.append(sum(a.elapsed_time(b) for a, b in ep.COMM_EVENTS))
+            wire_ms.append(_exchange_ms())
         ep.ALIGN_BEFORE_EXCHANGE = False
     step_ms, a2a_ms, a2a_bytes = [], [], []
     for _ in range(cfg.steps):
@@ -111,7 +117,7 @@ def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> 
             t0 = time.perf_counter()
             step()
             step_ms.append(1e3 * (time.perf_counter() - t0))
-        a2a_ms.append(sum(a.elapsed_time(b) for a, b in ep.COMM_EVENTS) if cuda else float("nan"))
+        a2a_ms.append(_exchange_ms() if cuda else float("nan"))
         a2a_bytes.append(sum(sum(layer.bytes_sent.values()) for layer in model.moe_layers()
                              if isinstance(layer, ep.ExpertParallelMoE)))
     ep.COMM_EVENTS = None
@@ -129,7 +135,7 @@ def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> 
     return {"model": moe, "preset": cfg.preset or "default", "world": world,
             "batch_per_rank": tc.batch_size, "block_size": tc.block_size, "step_ms": step_time,
             "tokens_per_sec": world * x.numel() / step_time * 1e3, "a2a_ms": comm,
-            "a2a_wire_ms": None if wire != wire else wire,
+            "a2a_wire_ms": None if math.isnan(wire) else wire,
             "a2a_mib": sent / 2**20, "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
 
 
