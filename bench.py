@@ -31,7 +31,7 @@ import bench_decode
 import data
 from bench_layers import (bench_layers, build_model, free_memory, peak_mib, profile_layers, timed,
                           train_speed)
-from bench_quality import (beyond_noise, grid_variants, read_log, routing_stats, run_grid,
+from bench_quality import (GRIDS, beyond_noise, lr_sweep, read_log, routing_stats, run_grid,
                            run_variants, summarize)
 from cli import load_model, parse_config
 from offload import ClusterOffloader
@@ -71,6 +71,8 @@ class BenchConfig:
     dataset: str = "shakespeare"   # as train.py: a name, or folders/zips of .txt, comma-separated
     data_dir: str = "data"
     train_iters: int = 1000
+    sweep_iters: int = 0           # baseline: the lr sweep's budget (0 = train_iters)
+    lrs: str = "3e-4,6e-4,1e-3"    # baseline: the learning rates every model is swept over
     eval_iters: int = 20
     seeds: int = 3                 # trainings per model; quality is reported as mean +- std
     parallel: int = 1              # train.py processes at once on the one device (see bench_quality)
@@ -233,9 +235,20 @@ def bench_grid(name: str):
         base.device, base.compile = str(device), device.type == "cuda"
         glue = cfg.glue_dir and {"task": cfg.glue_task, "data_dir": cfg.glue_dir, "epochs": 2,
                                  "max_train_examples": cfg.glue_max_examples}
-        return run_variants(base, grid_variants(name, base), cfg.seeds, out / name, cfg.parallel,
-                            glue or None)
+        return run_variants(base, GRIDS[name], cfg.seeds, out / name, cfg.parallel, glue or None)
     return run
+
+
+def bench_baseline(cfg: BenchConfig, device, out: Path) -> list[dict]:
+    """The baselines tuned alike: GRIDS['baseline'] (dense, top-k with each balancing,
+    clustered) swept over `lrs` for sweep_iters, then each at its best lr with `seeds` seeds
+    for train_iters; held-out load CV of every final MoE checkpoint."""
+    base = _model_config(cfg, "topk")
+    base.warmup_iters, base.recluster_interval = (200, 100) if not cfg.smoke else (2, 1)
+    base.device, base.compile, base.final_ckpt = str(device), device.type == "cuda", "weights"
+    lrs = [float(lr) for lr in cfg.lrs.split(",")]
+    return lr_sweep(base, GRIDS["baseline"], lrs, cfg.sweep_iters or cfg.train_iters,
+                    cfg.train_iters, cfg.seeds, out / "baseline", cfg.parallel, cfg.routing_batches)
 
 
 def _int4_and_offload(model, tc: TrainConfig, val, cfg: BenchConfig, device, out: Path) -> dict:
@@ -376,10 +389,12 @@ SECTIONS = {
                 ["model", "val_ppl", "load_cv", "train_tokens_per_sec", "devices_per_token",
                  "total_params", "expert_params"]),
 }
-SECTIONS["baseline"] = (bench_grid("baseline"),
-                        lambda cfg, env: f"Top-k baseline study on {cfg.dataset}, {cfg.seeds} seeds "
-                                         f"({env['device']}):",
-                        ["variant", "tokens", "val_ppl", "val_ppl_std", "load_cv"])
+SECTIONS["baseline"] = (bench_baseline,
+                        lambda cfg, env: f"Baselines on {cfg.dataset}, {cfg.preset or 'default'} size: "
+                                         f"an lr sweep (one seed), then each model at its best lr "
+                                         f"with {cfg.seeds} seeds, mean (std) ({env['device']}):",
+                        ["phase", "variant", "tokens", "val_ppl", "val_ppl_std", "load_cv",
+                         "heldout_load_cv", "vs_dense", "noise"])
 SECTIONS["decode"] = (bench_decode.bench_decode, bench_decode.title, bench_decode.COLUMNS)
 SECTIONS["ablation"] = (bench_grid("ablation"),
                         lambda cfg, env: f"Ablations on {cfg.dataset}, {cfg.train_iters} iterations, "

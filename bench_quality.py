@@ -23,6 +23,7 @@ import torch
 
 import data
 from bench_layers import train_speed
+from cli import load_model
 from model import GPT
 from train import TrainConfig, train
 
@@ -47,31 +48,37 @@ def _flags(tc: TrainConfig) -> list[str]:
     return [f"--{f.name}={getattr(tc, f.name)}" for f in fields(tc)]
 
 
-def _fresh(tc: TrainConfig):
-    """A run that did not finish starts over: its partial log would mix two runs."""
+def _continue(tc: TrainConfig) -> TrainConfig:
+    """A run cut short resumes from its last checkpoint (train.py drops what it logged after
+    it); one with no checkpoint starts over."""
+    folder = Path(tc.out_dir)
+    if read_log(tc) and (folder / "ckpt.pt").exists():
+        print(f"resume: {tc.out_dir} from iteration {read_log(tc)[-1]['iter']}")
+        return replace(tc, resume=True)
     for name in ("log.jsonl", "reclusters.jsonl", "ckpt.pt"):
-        (Path(tc.out_dir) / name).unlink(missing_ok=True)
-    Path(tc.out_dir).mkdir(parents=True, exist_ok=True)
+        (folder / name).unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return tc
 
 
 def run_grid(runs: list[TrainConfig], parallel: int = 1) -> None:
-    """Train every config not yet finished; `parallel` > 1 runs that many train.py processes
-    at once. A failed run is an error that quotes the end of its output."""
+    """Train every config not yet finished, resuming those cut short; `parallel` > 1 runs
+    that many train.py processes at once. A failed run is an error that quotes the end of
+    its output."""
     todo = [tc for tc in runs if not finished(tc)]
     for tc in runs:
         if tc not in todo:
             print(f"skip (finished): {tc.out_dir}")
     if parallel <= 1:
         for tc in todo:
-            _fresh(tc)
-            train(tc)
+            train(_continue(tc))
         return
     # Tokenize once, before the workers start, so they do not race on preparing the data.
     for tc in todo:
         data.prepare(tc.dataset, tc.data_dir, val_split=tc.val_split)
 
     def start(tc):
-        _fresh(tc)
+        tc = _continue(tc)
         return [ROOT / "train.py", *_flags(tc)], Path(tc.out_dir) / "train.out"
     _pool(todo, start, parallel, "training")
 
@@ -84,7 +91,7 @@ def _pool(jobs: list, start, parallel: int, what: str) -> None:
         while todo and len(active) < max(1, parallel):
             job = todo.pop(0)
             argv, log_path = start(job)
-            log = open(log_path, "w")
+            log = open(log_path, "a")
             proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT)
             active.append((proc, log, log_path))
@@ -179,12 +186,15 @@ def glue_scores(runs: list[TrainConfig], glue: dict, parallel: int = 1) -> list[
 
 
 def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: Path,
-                 parallel: int = 1, glue: dict | None = None) -> list[dict]:
+                 parallel: int = 1, glue: dict | None = None, speed: bool = True,
+                 heldout_batches: int = 0) -> list[dict]:
     """A declared grid: each named variant (TrainConfig overrides of `base`) trained with
     `seeds` seeds; one row per variant with final val perplexity and load CV as mean and
     std over seeds, tokens, experts moved and reclusters. Finished runs are skipped.
     `glue` (eval_glue.GlueConfig fields, one task): also fine-tune every seed's checkpoint
-    once (fine-tuning seed = training seed) and report the task's score as mean and std."""
+    once (fine-tuning seed = training seed) and report the task's score as mean and std.
+    speed: each variant's train tokens/s (False: not measured). heldout_batches > 0: each
+    MoE checkpoint's load CV on that many held-out batches (routing_stats), mean and std."""
     grid = {}
     for name, overrides in variants.items():
         for i in range(seeds):
@@ -213,14 +223,19 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
         row["reclusters"] = len(events) / seeds
         row["shock"] = statistics.fmean(shocks) if shocks else None          # nats, mean over events
         row["shock_max"] = max(shocks, key=abs) if shocks else None
-        speeds = [statistics.median([r["tokens_per_sec"] for r in log[1:]] or [log[-1]["tokens_per_sec"]])
-                  for log in logs]
-        # Parallel runs share the GPU, so their logged speed means nothing: time the variant
-        # alone instead (same model and batch, random tokens), eager: compiling every variant
-        # would cost more than the timing (bench.py's models section times compiled models).
-        row["train_tokens_per_sec"] = statistics.fmean(speeds) if parallel <= 1 else \
-            train_speed(replace(tc, compile=False), torch.device(tc.device))["train_tokens_per_sec"]
-        row["speed_measured"] = "from the training log" if parallel <= 1 else "alone, eager"
+        if speed:
+            speeds = [statistics.median([r["tokens_per_sec"] for r in log[1:]] or
+                                        [log[-1]["tokens_per_sec"]]) for log in logs]
+            # Parallel runs share the GPU, so their logged speed means nothing: time the variant
+            # alone instead (same model and batch, random tokens), eager: compiling every
+            # variant would cost more than the timing (bench.py's models section compiles).
+            row["train_tokens_per_sec"] = statistics.fmean(speeds) if parallel <= 1 else \
+                train_speed(replace(tc, compile=False), torch.device(tc.device))["train_tokens_per_sec"]
+            row["speed_measured"] = "from the training log" if parallel <= 1 else "alone, eager"
+        if heldout_batches and tc.moe != "dense":
+            values = [_heldout_load_cv(grid[name, i], heldout_batches) for i in range(seeds)]
+            s = summarize(values)
+            row["heldout_load_cv"], row["heldout_load_cv_std"] = s["mean"], s["std"]
         if glue:
             scores = [scores_by_run[grid[name, i].out_dir] for i in range(seeds)]
             s = summarize(scores)
@@ -230,19 +245,59 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
     return rows
 
 
+def _heldout_load_cv(tc: TrainConfig, n_batches: int) -> float:
+    """A finished run's load CV over its checkpoint's routing of held-out batches."""
+    device = torch.device(tc.device if tc.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, _ = load_model(Path(tc.out_dir) / "ckpt.pt", device)
+    val = data.load_split(data.prepare(tc.dataset, tc.data_dir, val_split=tc.val_split), "val")
+    cv = routing_stats(model, val, tc, device, n_batches)["load_cv"]
+    del model
+    return cv
+
+
+def lr_sweep(base: TrainConfig, variants: dict[str, dict], lrs: list[float], sweep_iters: int,
+             iters: int, seeds: int, out: Path, parallel: int = 1, heldout_batches: int = 0,
+             reference: str = "dense") -> list[dict]:
+    """The same learning-rate sweep for every variant, then each at its own best lr.
+
+    Phase 1 ("sweep"): every variant at every lr (min_lr = lr / 10), one seed, sweep_iters.
+    Phase 2 ("final"): each variant at the lr with the lowest sweep perplexity, `seeds`
+    seeds, `iters` iterations; a final run equal to a sweep run (same lr, seed and budget) is
+    that run, not a second one. Final rows say their gap to `reference` and whether it is
+    beyond the noise of the seeds (two standard errors). -> sweep rows, then final rows."""
+    def at(overrides, lr, n):
+        return {**overrides, "lr": lr, "min_lr": lr / 10, "max_iters": n,
+                "eval_interval": max(1, n // 5)}
+    label = lambda name, lr, n: f"{name}, lr {lr:g}, {n} iters"  # noqa: E731 (names the run folder)
+    sweep = {label(name, lr, sweep_iters): at(ov, lr, sweep_iters)
+             for name, ov in variants.items() for lr in lrs}
+    rows = [{"phase": "sweep", "lr": v["lr"], **r}
+            for r, v in zip(run_variants(base, sweep, 1, out, parallel, speed=False), sweep.values())]
+    best = {name: min((r for r in rows if r["variant"].startswith(name + ", lr")),
+                      key=lambda r: r["val_ppl"])["lr"] for name in variants}
+    final = {label(name, best[name], iters): at(ov, best[name], iters) for name, ov in variants.items()}
+    finals = [{"phase": "final", "lr": v["lr"], "model": name, **r} for name, r, v in
+              zip(variants, run_variants(base, final, seeds, out, parallel, speed=False,
+                                         heldout_batches=heldout_batches), final.values())]
+    ref = next((r for r in finals if r["model"] == reference), None)
+    for row in finals if ref else []:
+        row[f"vs_{reference}"] = row["val_ppl"] / ref["val_ppl"] - 1
+        row["noise"] = "beyond noise" if beyond_noise(row["val_ppl_seeds"], ref["val_ppl_seeds"]) \
+            else "within noise"
+    return rows + finals
+
+
 # Declared grids of TrainConfig overrides, trained `seeds` times each (bench_quality.run_variants).
 GRIDS = {
-    # Is the top-k baseline sound? Each row changes one thing against top-k at the same budget;
-    # the "long" rows run 2.44x longer (about 40M tokens: two enwiki shards, seen once).
+    # The baselines, each tuned alike (bench.py's baseline section sweeps lr for every row):
+    # dense of equal active width, top-k with either balancing, and the clustered model with
+    # the balancing top-k gets.
     "baseline": {
-        "dense": {"moe": "dense"}, "topk": {"moe": "topk"},
-        "topk lr=2e-3": {"moe": "topk", "lr": 2e-3}, "topk lr=5e-4": {"moe": "topk", "lr": 5e-4},
-        "topk weight_decay=0": {"moe": "topk", "weight_decay": 0.0},
-        "dense weight_decay=0": {"moe": "dense", "weight_decay": 0.0},
-        "topk aux=0.001": {"moe": "topk", "aux_loss_coef": 0.001},
-        "topk E=8": {"moe": "topk", "n_experts": 8},
-        "dense long": {"moe": "dense", "max_iters_scale": 2.44},
-        "topk long": {"moe": "topk", "max_iters_scale": 2.44},
+        "dense": {"moe": "dense"},
+        "top-k, aux loss": {"moe": "topk", "balance": "aux"},
+        "top-k, bias": {"moe": "topk", "balance": "bias", "aux_loss_coef": 0.0},
+        "clustered, bias": {"moe": "clustered", "balance": "bias", "aux_loss_coef": 0.0},
     },
     # The paper's ablations (its Table: dynamic vs static clustering, no online clustering, no
     # low-rank compression, no hierarchical routing) next to the two baselines.
@@ -264,14 +319,3 @@ GRIDS = {
                                                         "cluster_scores": "experts"},
     },
 }
-
-
-def grid_variants(name: str, base: TrainConfig) -> dict[str, dict]:
-    """GRIDS[name] with each 'max_iters_scale' turned into max_iters and eval_interval."""
-    variants = {}
-    for variant, overrides in GRIDS[name].items():
-        overrides = dict(overrides)
-        scale = overrides.pop("max_iters_scale", 1.0)
-        variants[variant] = {**overrides, "max_iters": round(base.max_iters * scale),
-                             "eval_interval": round(base.eval_interval * scale)}
-    return variants

@@ -7,6 +7,7 @@ so a crash never leaves a half-written checkpoint), and reading checkpoints safe
 Does not own: any config's fields (each entry point's dataclass) or the training loop.
 """
 import os
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -78,7 +79,36 @@ def load_model(path, device="cpu"):
     return model.to(device), ckpt
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written; the last good one is still in place."""
+
+
+def state_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) checkpoint dict: about its size on disk."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
 def save_atomic(obj, path: Path):
+    """torch.save to a temp file, then rename: a crash or a full disk never leaves a
+    half-written checkpoint, and the previous one stays until the new one is complete
+    (so the disk must hold both for a moment)."""
+    path = Path(path)
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    need, free = state_bytes(obj), shutil.disk_usage(path.parent).free
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    where = f"cannot write checkpoint {path}: it needs about {gib(need)}, {gib(free)} free"
+    if need > free:
+        raise CheckpointError(f"{where}; the last good checkpoint is kept")
+    try:
+        torch.save(obj, tmp)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{where} ({error.strerror or error}); the last good checkpoint "
+                              f"is kept") from None
     os.replace(tmp, path)

@@ -265,7 +265,8 @@ def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAUL
         layer.make_clustered()
     permuted = not torch.equal(order, torch.arange(n_experts))
     order_dev = order.to(layer.router.weight.device)
-    per_expert = [layer.router.weight, layer.input_mean, layer.expert_ids, layer.expert_counts]
+    per_expert = [layer.router.weight, layer.input_mean, layer.expert_ids, layer.expert_counts,
+                  layer.expert_bias]
     if cfg.compress:
         layer.bank.load_factors(*factors)
     else:  # the 'no compression' ablation: full experts, only their slots change
@@ -274,10 +275,13 @@ def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAUL
         for tensor in per_expert:
             tensor.copy_(tensor[order_dev])
     rows = layer.router.weight.view(n_clusters, m, -1).mean(1)      # (G, d) member means
-    if not first:
+    old_bias, bias = layer.cluster_bias.clone(), torch.zeros_like(layer.cluster_bias)
+    if not first:  # a cluster whose members stayed keeps its prototype and balancing bias
         keep = source >= 0
         rows[keep.to(rows.device)] = old_cluster_rows[source[keep].to(rows.device)]
+        bias[keep.to(bias.device)] = old_bias[source[keep].to(bias.device)]
     layer.cluster_router.copy_(rows)
+    layer.cluster_bias.copy_(bias)
     layer.n_reclusters += 1
 
     carry = {}

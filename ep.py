@@ -104,7 +104,8 @@ def gather_state(ep: "ExpertParallelMoE") -> dict:
     """The full layer's state, in model.MoE's state_dict names (router.weight, cluster_router,
     bank.*, the statistics buffers), gathered from every rank's shard: what a checkpoint holds."""
     state = {"router.weight": ep.router.weight.detach().clone()}
-    state.update({name: buf.clone() for name, buf in ep._buffers.items()})
+    state.update({name: buf.clone() for name, buf in ep._buffers.items()
+                  if name not in ep._non_persistent_buffers_set})
     if ep.cluster_router is not None:
         state["cluster_router"] = ep.cluster_router.detach().clone()
     for name, shard in ep.bank.state_dict().items():
@@ -131,6 +132,7 @@ class ExpertParallelMoE(nn.Module):
     route = MoE.route
     cluster_logits = MoE.cluster_logits
     _record = MoE._record
+    balance_step = MoE.balance_step
     clustered = MoE.clustered
 
     def __init__(self, layer: MoE, group=None):
@@ -167,7 +169,8 @@ class ExpertParallelMoE(nn.Module):
         # this rank's tokens by model.MoE's own code; train.py broadcasts rank 0's before a
         # recluster, as it does for data parallelism.
         for name, buf in layer.named_buffers(recurse=False):
-            self.register_buffer(name, buf.detach().clone())
+            self.register_buffer(name, buf.detach().clone(),
+                                 persistent=name not in layer._non_persistent_buffers_set)
         self.stats_rate = layer.stats_rate
         self.bytes_sent = {"dispatch": 0, "combine": 0}
 

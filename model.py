@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from compress import clustered_expert_params
 from decode import GraphedStep
 from experts import MATMULS, ClusteredBank, ExpertBank, gelu, resolve_combine, resolve_matmul
-from router import Routing, hierarchical_route, topk_route
+from router import Routing, bias_update, hierarchical_route, topk_route
 
 MOE_KINDS = ("dense", "topk", "clustered")
+BALANCE = ("aux", "bias")
 
 
 @dataclass
@@ -40,7 +41,10 @@ class GPTConfig:
     top_k: int = 2
     n_clusters: int = 8
     rank: int = 16
-    aux_loss_coef: float = 0.01
+    balance: str = "aux"          # aux: the Switch loss (aux_loss_coef) | bias: DeepSeek-V3's
+                                  # per-expert bias that steers the choice, no loss needed
+    bias_rate: float = 1e-3       # balance=bias: the bias step after each optimizer step
+    aux_loss_coef: float = 0.01   # the Switch balance loss's weight (also usable beside bias)
     z_loss_coef: float = 0.001
     capacity_factor: float = 0.0  # 0 = dropless; else each expert takes at most cf*N*k/E slots
     moe_impl: str = "auto"        # auto (grouped on sm90+ CUDA, else loop) | grouped | loop | fused
@@ -66,6 +70,8 @@ class GPTConfig:
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (self.top_k >= 1, "top_k must be >= 1"),
             (self.cluster_scores in ("prototype", "experts"), "cluster_scores must be prototype|experts"),
+            (self.balance in BALANCE, f"balance must be one of {'|'.join(BALANCE)}, got {self.balance!r}"),
+            (self.bias_rate >= 0 and self.aux_loss_coef >= 0, "bias_rate and aux_loss_coef must be >= 0"),
             (self.capacity_factor >= 0, "capacity_factor must be >= 0 (0 = dropless)"),
         ]
         if self.moe != "dense":
@@ -182,6 +188,12 @@ class MoE(nn.Module):
         self.register_buffer("input_mean", torch.zeros(n_experts, d))
         self.register_buffer("expert_ids", torch.arange(n_experts))  # original id in each slot
         self.register_buffer("n_reclusters", torch.zeros((), dtype=torch.long))
+        # balance=bias: added to the router's probabilities only to choose (router.py); loads
+        # summed over one optimizer step's micro-batches drive the update (balance_step).
+        self.register_buffer("expert_bias", torch.zeros(n_experts))
+        self.register_buffer("cluster_bias", torch.zeros(max(cfg.n_clusters, 1)))
+        self.register_buffer("step_counts", torch.zeros(n_experts), persistent=False)
+        self.register_buffer("step_cluster_counts", torch.zeros(max(cfg.n_clusters, 1)), persistent=False)
         # The paper's EMA of activation centroids, mu <- (1 - rate) mu + rate * mean(x), rate 0.05.
         self.stats_rate = cfg.stats_rate
         # A probe batch of recent layer inputs (any cluster's tokens), so cluster.py can compare
@@ -232,10 +244,30 @@ class MoE(nn.Module):
     def route(self, x):
         cfg = self.cfg
         logits = self.router(x)                                           # (N, E)
+        bias = cfg.balance == "bias"
         if self.has_clusters and cfg.hierarchical:
             return hierarchical_route(self.cluster_logits(x, logits), logits, cfg.top_k,
-                                      cfg.aux_loss_coef, cfg.z_loss_coef)
-        return topk_route(logits, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef)
+                                      cfg.aux_loss_coef, cfg.z_loss_coef,
+                                      self.cluster_bias if bias else None,
+                                      self.expert_bias if bias else None)
+        return topk_route(logits, cfg.top_k, cfg.aux_loss_coef, cfg.z_loss_coef,
+                          self.expert_bias if bias else None)
+
+    @torch.no_grad()
+    def balance_step(self):
+        """After each optimizer step, with the step's loads in step_counts (every micro-batch;
+        train.py sums them over ranks first): balance=bias nudges each bias toward an even
+        load, experts within their cluster once clustered (router.bias_update). Then the
+        counts start afresh."""
+        cfg = self.cfg
+        if cfg.balance == "bias":
+            hierarchical = self.has_clusters and cfg.hierarchical
+            self.expert_bias.add_(bias_update(self.step_counts, cfg.bias_rate,
+                                              cfg.n_clusters if hierarchical else 1))
+            if hierarchical:
+                self.cluster_bias.add_(bias_update(self.step_cluster_counts, cfg.bias_rate))
+        self.step_counts.zero_()
+        self.step_cluster_counts.zero_()
 
     def forward(self, x):
         B, T, C = x.shape
@@ -270,6 +302,8 @@ class MoE(nn.Module):
         elif self.has_clusters:  # flat routing over clustered experts: slots per cluster
             self.cluster_counts.copy_(routing.expert_counts.view(self.cfg.n_clusters, -1).sum(1))
         if self.training:
+            self.step_counts.add_(routing.expert_counts)
+            self.step_cluster_counts.add_(self.cluster_counts)
             # Mean input routed to each expert, as one small matmul (no scatter), then an EMA;
             # experts that got no token this step keep their old mean.
             dispatch = torch.zeros(x.shape[0], self.router.out_features, device=x.device,
@@ -382,8 +416,8 @@ class GPT(nn.Module):
         before load_state_dict."""
         for i, block in enumerate(self.blocks):
             prefix = f"blocks.{i}.ffn."
-            if isinstance(block.ffn, MoE):  # checkpoints older than the probe buffers
-                for name in ("probe", "probe_seen"):
+            if isinstance(block.ffn, MoE):  # checkpoints older than these buffers
+                for name in ("probe", "probe_seen", "expert_bias", "cluster_bias"):
                     state_dict.setdefault(prefix + name, torch.zeros_like(getattr(block.ffn, name)))
             if isinstance(block.ffn, MoE) and prefix + "cluster_router" in state_dict:
                 if not block.ffn.has_clusters:

@@ -1,7 +1,9 @@
 """Routing decisions from router logits: top-k (Switch/Mixtral) and cluster -> expert.
 
-Owns: turning logits into (expert index, gate) per token, the auxiliary losses (Switch
-load balancing and router z-loss, at both stages for the hierarchical router), and the
+Owns: turning logits into (expert index, gate) per token, the two ways to balance the load
+(the Switch auxiliary loss, and DeepSeek-V3's auxiliary-loss-free bias: a per-expert bias
+that changes which experts are chosen but not their gates, nudged after every optimizer step
+by `bias_update`), the router z-loss (at both stages for the hierarchical router), and the
 per-expert / per-cluster token counts the MoE layer records.
 Does not own: router parameters (the MoE layer in model.py holds them) or expert compute.
 
@@ -46,18 +48,30 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
+def _choose(probs: torch.Tensor, k: int, bias: torch.Tensor | None):
+    """The top k of probs (+ bias) -> (their unbiased probs, indices), each (N, k). The bias only
+    steers the choice: the gates come from the probabilities alone (DeepSeek-V3)."""
+    if bias is None:
+        return probs.topk(k, dim=-1)
+    expert_idx = (probs + bias).topk(k, dim=-1).indices
+    return probs.gather(-1, expert_idx), expert_idx
+
+
 def topk_route(logits: torch.Tensor, k: int, balance_coef: float = 0.01,
-               z_coef: float = 0.001) -> Routing:
-    """Softmax over E experts, keep the top k, renormalize their gates."""
+               z_coef: float = 0.001, bias: torch.Tensor | None = None) -> Routing:
+    """Softmax over E experts, keep the top k (of probs + bias, if given), renormalize their
+    gates."""
     probs = logits.float().softmax(-1)                         # (N, E)
-    top_probs, expert_idx = probs.topk(k, dim=-1)              # (N, k)
+    top_probs, expert_idx = _choose(probs, k, bias)            # (N, k)
     gates = top_probs / top_probs.sum(-1, keepdim=True)
     aux = balance_coef * load_balance_loss(probs, expert_idx) + z_coef * z_loss(logits)
     return Routing(expert_idx, gates, aux, count(expert_idx, logits.shape[-1]))
 
 
 def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor, k: int,
-                       balance_coef: float = 0.01, z_coef: float = 0.001) -> Routing:
+                       balance_coef: float = 0.01, z_coef: float = 0.001,
+                       cluster_bias: torch.Tensor | None = None,
+                       expert_bias: torch.Tensor | None = None) -> Routing:
     """Token -> top-1 cluster (softmax over G) -> top-k of the m experts inside it.
 
     cluster_logits (N, G); expert_logits (N, E), cluster-major. The within-cluster gates are
@@ -65,16 +79,19 @@ def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor
     jump when a trained top-k layer is first clustered). The cluster router still needs a
     gradient from the LM loss: gates are multiplied by p_g / p_g.detach(), which is 1 in
     value and passes d(loss)/d(gate) on to the chosen cluster's probability (straight-through).
+    Biases (G,) and (E,), if given, steer both choices and leave every gate as it was.
     """
     n_tokens, n_clusters = cluster_logits.shape
     n_experts = expert_logits.shape[-1]
     m = n_experts // n_clusters
     cluster_probs = cluster_logits.float().softmax(-1)                    # (N, G)
-    cluster_p, cluster_idx = cluster_probs.max(-1)                        # (N,)
+    cluster_p, cluster_idx = _choose(cluster_probs, 1, cluster_bias)
+    cluster_p, cluster_idx = cluster_p.squeeze(-1), cluster_idx.squeeze(-1)  # (N,)
     within_logits = expert_logits.float().view(n_tokens, n_clusters, m)
     within_logits = within_logits.gather(1, cluster_idx.view(-1, 1, 1).expand(-1, 1, m))
     within_probs = within_logits.squeeze(1).softmax(-1)                   # (N, m)
-    top_probs, local_idx = within_probs.topk(k, dim=-1)                   # (N, k)
+    within_bias = None if expert_bias is None else expert_bias.view(n_clusters, m)[cluster_idx]
+    top_probs, local_idx = _choose(within_probs, k, within_bias)          # (N, k)
     gates = top_probs / top_probs.sum(-1, keepdim=True)
     gates = gates * (cluster_p / cluster_p.detach()).unsqueeze(-1)
     expert_idx = cluster_idx.unsqueeze(-1) * m + local_idx                # (N, k) global
@@ -93,6 +110,16 @@ def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor
     balance = load_balance_loss(cluster_probs, cluster_idx.unsqueeze(-1)) + within
     aux = balance_coef * balance + z_coef * (z_loss(cluster_logits) + z_loss(within_logits.squeeze(1)))
     return Routing(expert_idx, gates, aux, expert_counts, cluster_idx, cluster_counts)
+
+
+def bias_update(counts: torch.Tensor, rate: float, n_groups: int = 1) -> torch.Tensor:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): one step's loads (n,) -> the change of the
+    bias (n,): +rate where a load is under the mean of its group, -rate where it is over, then
+    centred so a group's biases keep their mean. Groups are consecutive runs of n / n_groups
+    (the experts of one cluster compete only with each other)."""
+    loads = counts.float().view(n_groups, -1)
+    delta = rate * torch.sign(loads.mean(-1, keepdim=True) - loads)
+    return (delta - delta.mean(-1, keepdim=True)).flatten()
 
 
 def load_cv(counts: torch.Tensor) -> torch.Tensor:

@@ -31,10 +31,10 @@ from tqdm import tqdm
 import data
 import ep
 import ep_state
-from cli import load_model, parse_config, resolve_device, save_atomic
+from cli import CheckpointError, load_model, parse_config, resolve_device, save_atomic
 from cluster import carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
-from train_log import Interval, close_interval, evaluate
+from train_log import Interval, close_interval, evaluate, startup_summary, trim_logs
 
 
 # Named model sizes; explicit --field=value flags win over a preset's values.
@@ -53,9 +53,8 @@ CLUSTER_MODES = ("dynamic", "static", "random")
 @dataclass
 class TrainConfig(GPTConfig):
     """Every model.GPTConfig field (model shape, routing, moe_impl) plus the training ones.
-    Two model defaults differ for training: the clustered model and dropout 0.1."""
+    One model default differs for training: the clustered model."""
     moe: str = "clustered"
-    dropout: float = 0.1
     preset: str = ""               # '' | a key of PRESETS; applied by parse_config
     # data and I/O
     dataset: str = "shakespeare"   # shakespeare | wikitext103 | folders/zips of .txt, comma-separated
@@ -78,6 +77,8 @@ class TrainConfig(GPTConfig):
     similarity: str = "specific+scores"  # PARAM+ACT views, see cluster.py
     min_gain: float = 0.01         # keep the groups unless regrouping gains this much similarity
     kmeans_restarts: int = 8
+    shock_iters: int = 10          # val batches scored just before and after each recluster
+                                   # (the recluster shock in reclusters.jsonl); 0 = not measured
     # optimization
     batch_size: int = 32
     grad_accum: int = 1
@@ -92,6 +93,9 @@ class TrainConfig(GPTConfig):
     eval_interval: int = 100
     eval_iters: int = 20
     log_interval: int = 10
+    final_ckpt: str = "full"       # what the last checkpoint keeps: full (optimizer state too, so
+                                   # --resume can extend the run) | weights (about 1/3 of the bytes
+                                   # with fp32 AdamW; enough to evaluate, fine-tune and sample)
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
@@ -111,6 +115,8 @@ class TrainConfig(GPTConfig):
             (self.cluster_mode in CLUSTER_MODES, f"cluster_mode must be one of {CLUSTER_MODES}"),
             (self.kmeans_restarts >= 0, "kmeans_restarts must be >= 0"),
             (self.expert_parallel >= 1, "expert_parallel must be >= 1"),
+            (self.shock_iters >= 0, "shock_iters must be >= 0"),
+            (self.final_ckpt in ("full", "weights"), "final_ckpt must be full|weights"),
         ]
         if self.expert_parallel > 1:
             rules += [
@@ -199,6 +205,20 @@ def load_data(cfg: TrainConfig, master: bool, ddp: bool):
     return data.load_split(folder, "train"), data.load_split(folder, "val"), data.read_meta(folder)
 
 
+def balance_loads(layers, cfg: TrainConfig, ddp: bool) -> None:
+    """After an optimizer step: each MoE layer's loads over the step, summed over every rank
+    (the router is replicated under DDP and expert parallelism alike, so every replica's
+    biases must move the same way), drive its bias update (model.MoE.balance_step)."""
+    if ddp and layers and cfg.balance == "bias":
+        counts = [c for layer in layers for c in (layer.step_counts, layer.step_cluster_counts)]
+        flat = torch.cat(counts)
+        dist.all_reduce(flat)
+        for c, part in zip(counts, flat.split([c.numel() for c in counts])):
+            c.copy_(part)
+    for layer in layers:
+        layer.balance_step()
+
+
 def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, out_dir: Path,
                     shock_eval=None, regroup=recluster_model) -> dict:
     """Regroup and re-factorize every MoE layer (all ranks, from rank 0's statistics, so
@@ -212,7 +232,7 @@ def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, o
         for layer in layers:
             for buf in layer.buffers():
                 dist.broadcast(buf, 0)
-    measure = shock_eval is not None and layers[0].has_clusters
+    measure = shock_eval is not None and layers[0].has_clusters and cfg.shock_iters > 0
     t_shock = time.perf_counter()
     before = shock_eval() if measure else None
     t0 = time.perf_counter()
@@ -261,8 +281,12 @@ def train(cfg: TrainConfig) -> dict:
         batch_gen.set_state(rng["batches"].cpu())
         if "cuda" in rng and device.startswith("cuda"):
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        if master:  # what was logged after the checkpoint is redone: keep one copy of it
+            trim_logs(out_dir, start_iter)
     else:
         model = GPT(cfg.model_config()).to(device)
+    if master:
+        print(startup_summary(cfg, model, meta, device, dtype, world))
 
     # Expert parallelism: every rank starts from rank 0's weights (no DDP to broadcast them),
     # then keeps only its shard of each bank.
@@ -278,6 +302,9 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = build_optimizer(model, cfg)
     if cfg.resume:
         state = ckpt["optimizer"]
+        if state is None:
+            raise ValueError(f"--resume: {out_dir / 'ckpt.pt'} holds weights only (final_ckpt="
+                             f"weights), no optimizer state to resume from")
         if expert_parallel:
             state = ep_state.shard_optimizer_state(state, optimizer, shards, ep_group)
         optimizer.load_state_dict(state)
@@ -299,7 +326,7 @@ def train(cfg: TrainConfig) -> dict:
         # clustering creates parameters, so only then are the optimizer and DDP rebuilt.
         if recluster_due(it, cfg):
             t_recluster = time.perf_counter()
-            shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast)) \
+            shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast, cfg.shock_iters)) \
                 if master or expert_parallel else None      # EP: each forward needs every rank
             if expert_parallel:  # ep_state carries the optimizer state through gather and re-slice
                 regroup = lambda model, **kw: ep_state.recluster_model(model, optimizer, **kw)
@@ -338,6 +365,7 @@ def train(cfg: TrainConfig) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        balance_loads(layers, cfg, ddp)
 
         # Progress and the non-finite check (all ranks): one host sync per log_interval.
         last = it == cfg.max_iters - 1
@@ -365,6 +393,8 @@ def train(cfg: TrainConfig) -> dict:
             if ddp:
                 rngs = [None] * world
                 dist.all_gather_object(rngs, rng_state(batch_gen))
+            if last and cfg.final_ckpt == "weights":
+                optimizer_state = None
             if master:
                 with open(out_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -382,7 +412,6 @@ def train(cfg: TrainConfig) -> dict:
 
 if __name__ == "__main__":
     try:
-        config = parse_config(TrainConfig, sys.argv[1:], PRESETS).validate()
-    except (ValueError, FileNotFoundError) as error:
+        train(parse_config(TrainConfig, sys.argv[1:], PRESETS).validate())
+    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as error:
         sys.exit(f"error: {error}")
-    train(config)

@@ -5,9 +5,11 @@ Owns: `evaluate` (mean LM loss on fixed val batches), the bf16 peak table and `p
 `Interval` (what the loop accumulates between two evals) and `close_interval` (the
 log.jsonl record). Does not own: the loop, checkpoints or the schedule (train.py).
 """
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -16,12 +18,13 @@ from router import load_cv
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, device, autocast) -> float:
-    """Mean LM loss on the same eval_iters val batches every time (fixed generator)."""
+def evaluate(model, val, cfg, device, autocast, iters: int | None = None) -> float:
+    """Mean LM loss on the same val batches every time (fixed generator): the first `iters`
+    (default eval_iters) of one fixed sequence."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
-    for _ in range(cfg.eval_iters):
+    for _ in range(cfg.eval_iters if iters is None else iters):
         x, y = data.get_batch(val, cfg.batch_size, cfg.block_size, device, gen)
         with autocast:
             losses.append(model(x, y)[1])
@@ -99,3 +102,46 @@ def close_interval(model, cfg, it: int, lr: float, train_loss: float,
     if layers and layers[0].has_clusters:
         record["cluster_load_cv"] = sum(load_cv(a).item() for a in interval.cluster_loads) / len(layers)
     return record
+
+
+def trim_logs(out_dir: Path, done: int) -> None:
+    """On resume from iteration `done`: drop log.jsonl and reclusters.jsonl lines past it
+    (written after the checkpoint by a run that then stopped), so each iteration is logged once."""
+    # log.jsonl counts iterations done (1-based); a recluster event is logged at the start of
+    # iteration `iter` (0-based), so the resumed run redoes the one at `done`.
+    for name, last in (("log.jsonl", done), ("reclusters.jsonl", done - 1)):
+        path = Path(out_dir) / name
+        if path.exists():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["iter"] <= last]
+            if len(kept) < len(lines):
+                path.write_text("".join(line + "\n" for line in kept))
+
+
+def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1) -> str:
+    """What a run is about to do, in a few lines: model kind and size, data, token budget,
+    device, output folder and checkpoint size."""
+    counts = model.param_counts()
+    kind = {"dense": "dense GPT", "topk": f"top-{cfg.top_k} MoE, E={cfg.n_experts}",
+            "clustered": f"clustered MoE, E={cfg.n_experts} in G={cfg.n_clusters}, rank {cfg.rank}, "
+                         f"top-{cfg.top_k}"}[cfg.moe]
+    if cfg.moe != "dense":
+        kind += f", balance={cfg.balance}"
+    params = sum(p.numel() for p in model.parameters())
+    # fp32 weights plus AdamW's two moments; what the final checkpoint keeps if weights only.
+    full, weights = 3 * 4 * params, 4 * params
+    tokens = cfg.max_iters * cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    split = meta.get("tokens", {})
+    data_line = (f"data:   {cfg.dataset} ({split.get('train', 0):,} train / {split.get('val', 0):,} "
+                 f"val tokens, val split: {meta.get('val_split')})")
+    lines = [
+        f"model:  {kind}; {cfg.n_layer} layers, d={cfg.n_embd}; {counts['total_params'] / 1e6:.1f}M "
+        f"parameters, {counts['active_params'] / 1e6:.1f}M active per token",
+        data_line,
+        f"train:  {cfg.max_iters:,} iterations x {cfg.batch_size * cfg.grad_accum * world} x "
+        f"{cfg.block_size} = {tokens / 1e6:.1f}M tokens, lr {cfg.lr:g}, on {device} ({dtype})",
+        f"output: {cfg.out_dir}/ (checkpoint about {full / 2**20:,.0f} MiB with optimizer state"
+        + (f", the last one {weights / 2**20:,.0f} MiB" if cfg.final_ckpt == "weights" else "")
+        + (", smaller once clustered" if cfg.moe == "clustered" else "") + ")",
+    ]
+    return "\n".join(lines)

@@ -28,7 +28,7 @@ def test_smoke_runs_every_section(tmp_path):
     for m in ("dense", "topk", "clustered"):   # --smoke trains 2 seeds of each model
         seeds = runs[m]["val_ppl_seeds"]
         assert len(seeds) == 2 and runs[m]["val_ppl_mean"] == sum(seeds) / 2
-        assert runs[m]["val_ppl_std"] == abs(seeds[0] - seeds[1]) / 2 ** 0.5
+        assert runs[m]["val_ppl_std"] == pytest.approx(abs(seeds[0] - seeds[1]) / 2 ** 0.5)
     # real routing decisions: a clustered token visits exactly one device, top-k up to k
     assert runs["clustered"]["devices_per_token"] == 1.0
     assert 1.0 <= runs["topk"]["devices_per_token"] <= 2.0
@@ -65,3 +65,23 @@ def test_grid_rows_carry_a_glue_score_per_seed(tmp_path):
     for row in rows:
         assert len(row["glue_seeds"]) == 2 and all(0 <= s <= 1 for s in row["glue_seeds"])
         assert row["glue"] == sum(row["glue_seeds"]) / 2
+
+
+def test_baseline_sweeps_every_model_alike_then_takes_each_ones_best_lr(tmp_path):
+    cfg = bench.BenchConfig(smoke=True, sections="baseline", out_dir=str(tmp_path / "b"),
+                            data_dir=str(tmp_path / "data"), lrs="1e-4,3e-3")
+    rows = bench.main(cfg)["baseline"]
+    sweep = [r for r in rows if r["phase"] == "sweep"]
+    final = [r for r in rows if r["phase"] == "final"]
+    models = list(bench_quality.GRIDS["baseline"])
+    assert len(sweep) == 2 * len(models) and [r["model"] for r in final] == models
+    for row in final:   # each model's final lr is its own best of the same sweep
+        mine = [r for r in sweep if r["variant"].startswith(row["model"] + ", lr")]
+        assert {r["lr"] for r in mine} == {1e-4, 3e-3}
+        assert row["lr"] == min(mine, key=lambda r: r["val_ppl"])["lr"]
+        assert len(row["val_ppl_seeds"]) == 2
+        assert "vs_dense" in row and row["noise"] in ("beyond noise", "within noise")
+        assert ("heldout_load_cv" in row) == (row["model"] != "dense")
+    # the sweep's seed-0 run at the best lr is the final's seed 0, not a second training
+    folders = [p for p in (tmp_path / "b" / "baseline").iterdir() if p.is_dir()]
+    assert len(folders) == 2 * len(models) + len(models)

@@ -39,3 +39,18 @@ def test_failed_run_is_an_error_quoting_its_output(tmp_path):
     other = TrainConfig(**TINY, out_dir=str(tmp_path / "ok"), data_dir=str(tmp_path / "data"))
     with pytest.raises(RuntimeError, match="failed"):
         run_grid([bad, other], parallel=2)
+
+
+def test_a_run_cut_short_resumes_from_its_checkpoint(tmp_path):
+    import torch
+    from dataclasses import replace
+
+    from train import train
+    whole = TrainConfig(**{**TINY, "max_iters": 4, "lr_decay_iters": 4}, out_dir=str(tmp_path / "whole"),
+                        data_dir=str(tmp_path / "data"))
+    cut = replace(whole, out_dir=str(tmp_path / "cut"))
+    train(replace(cut, max_iters=2))                 # a grid run stopped at its first checkpoint
+    run_grid([whole, cut], parallel=2)
+    assert [r["iter"] for r in read_log(cut)] == [2, 4]
+    a, b = (torch.load(f"{tc.out_dir}/ckpt.pt", weights_only=True) for tc in (whole, cut))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -237,6 +237,25 @@ def test_planted_change_moves_exactly_the_changed_experts(similarity, moves):
         assert result["moved"] == 0 and result["skipped"]
 
 
+def test_balancing_biases_follow_their_experts():
+    layer, run, swap = _planted(n_families=2)
+    swap(0, 4)
+    run()
+    ids = layer.expert_ids.clone()
+    with torch.no_grad():  # a bias that names its expert, and one per cluster
+        layer.expert_bias.copy_(ids.float())
+        layer.cluster_bias.copy_(torch.tensor([0.5, -0.5]))
+    result = recluster(layer)
+    assert result["moved"] == 2
+    assert torch.equal(layer.expert_bias, layer.expert_ids.float())   # moved with its expert
+    assert not layer.cluster_bias.any()          # both clusters changed members: biases restart
+    result = recluster(layer)                    # nothing changes: every cluster keeps its bias
+    with torch.no_grad():
+        layer.cluster_bias.copy_(torch.tensor([0.5, -0.5]))
+    assert recluster(layer)["skipped"]
+    assert torch.equal(layer.cluster_bias, torch.tensor([0.5, -0.5]))
+
+
 def test_gain_threshold_decides_whether_a_regrouping_is_taken():
     layer, run, swap = _planted(n_families=2)
     swap(0, 4)

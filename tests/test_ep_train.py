@@ -16,11 +16,11 @@ import torch.multiprocessing as mp
 import ep
 from cli import load_model
 from model import GPT, GPTConfig
-from train import TrainConfig, build_optimizer, parse_config
+from train import TrainConfig, balance_loads, build_optimizer, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(n_layer=2, n_head=2, n_embd=16, ffn_hidden=24, n_experts=4, top_k=2, block_size=16,
-           vocab_size=64, moe="topk", moe_impl="loop")
+           vocab_size=64, moe="topk", moe_impl="loop", balance="bias")
 B = 2
 
 
@@ -60,6 +60,12 @@ def _check(rank, world, size):
     assert norm > 0.05
     ep.clip_grad_norm(model, shards, 0.05, ep_group)
     compare()
+    # The balancing biases move on the loads of every rank's tokens: as one process over all.
+    balance_loads(model.moe_layers(), TrainConfig(**CFG), ddp=True)
+    for layer in full.moe_layers():
+        layer.balance_step()
+    for layer, ref in zip(model.moe_layers(), full.moe_layers()):
+        assert ref.expert_bias.any() and torch.equal(layer.expert_bias, ref.expert_bias)
 
 
 def _worker(rank, world, size, init_file):
@@ -83,7 +89,7 @@ def _free_port() -> int:
 
 
 CLUSTERED = ["--moe=clustered", "--n_clusters=2", "--rank=2", "--warmup_iters=1",
-             "--recluster_interval=1", "--probe_tokens=16"]
+             "--recluster_interval=1", "--probe_tokens=16", "--balance=bias", "--bias_rate=0.01"]
 
 
 def _torchrun(out, *extra):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from router import hierarchical_route, load_balance_loss, load_cv, topk_route, z_loss
+from model import GPTConfig, MoE, init_weights
+from router import bias_update, hierarchical_route, load_balance_loss, load_cv, topk_route, z_loss
 
 
 def test_topk_matches_per_token_loop():
@@ -98,3 +99,93 @@ def test_load_cv():
     assert load_cv(torch.tensor([5.0, 5.0, 5.0])).item() == 0
     # counts (1, 3): mean 2, population std 1 -> 0.5
     assert load_cv(torch.tensor([1.0, 3.0])).item() == pytest.approx(0.5)
+
+
+def test_bias_steers_the_choice_and_leaves_the_gates():
+    torch.manual_seed(3)
+    logits, bias = torch.randn(60, 8), 0.3 * torch.randn(8)
+    r = topk_route(logits, 2, bias=bias)
+    for t in range(60):
+        probs = torch.softmax(logits[t], -1)
+        chosen = sorted(range(8), key=lambda e: -(probs[e] + bias[e]).item())[:2]
+        assert r.expert_idx[t].tolist() == chosen
+        torch.testing.assert_close(r.gates[t], probs[chosen] / probs[chosen].sum())
+    plain = topk_route(logits, 2)
+    same = (r.expert_idx == plain.expert_idx).all(-1)
+    assert 0 < same.sum() < 60                                # the bias changed some choices,
+    assert torch.equal(r.gates[same], plain.gates[same])      # never the gates of a choice
+
+
+def test_hierarchical_bias_steers_both_stages_and_leaves_the_gates():
+    torch.manual_seed(4)
+    cl, el = torch.randn(40, 4), torch.randn(40, 16)
+    cb, eb = 0.2 * torch.randn(4), 0.2 * torch.randn(16)
+    r = hierarchical_route(cl, el, k=2, cluster_bias=cb, expert_bias=eb)
+    for t in range(40):
+        c = int((torch.softmax(cl[t], -1) + cb).argmax())
+        within = torch.softmax(el[t, c * 4:(c + 1) * 4], -1)
+        local = sorted(range(4), key=lambda j: -(within[j] + eb[c * 4 + j]).item())[:2]
+        assert r.cluster_idx[t] == c and r.expert_idx[t].tolist() == [c * 4 + j for j in local]
+        torch.testing.assert_close(r.gates[t], within[local] / within[local].sum())
+
+
+def test_bias_update_signs_and_groups():
+    delta = bias_update(torch.tensor([4.0, 0.0, 2.0, 2.0]), rate=0.1)
+    torch.testing.assert_close(delta, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    # Two groups of two: each expert is compared with its own group's mean only.
+    delta = bias_update(torch.tensor([3.0, 1.0, 10.0, 10.0]), rate=0.1, n_groups=2)
+    torch.testing.assert_close(delta, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    # Centred: a lone underloaded expert gains what the others lose together.
+    delta = bias_update(torch.tensor([0.0, 1.0, 1.0, 1.0]), rate=0.1)
+    torch.testing.assert_close(delta.sum(), torch.tensor(0.0))
+    assert delta[0] > 0 and (delta[1:] < 0).all()
+
+
+def _planted_layer(balance="bias"):
+    """A MoE layer whose router strongly prefers experts 0 and 1: a planted imbalance."""
+    torch.manual_seed(5)
+    cfg = GPTConfig(n_embd=16, ffn_hidden=16, n_experts=8, top_k=2, n_clusters=2, rank=2,
+                    moe="topk", balance=balance, bias_rate=0.003, aux_loss_coef=0.0)
+    layer = MoE(cfg)
+    init_weights(layer, 1)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.3)
+        layer.router.weight[:2] += 0.15      # every token leans toward experts 0 and 1
+    return layer.train()
+
+
+def _balance(layer, steps):
+    cvs = []
+    for step in range(steps):
+        x = torch.randn(1, 2048, 16, generator=torch.Generator().manual_seed(step)).abs()
+        layer(x)
+        cvs.append(load_cv(layer.step_counts).item())
+        layer.balance_step()
+    return cvs
+
+
+def test_planted_imbalance_is_removed_by_the_bias_alone():
+    layer = _planted_layer()
+    weights = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    cvs = _balance(layer, 300)
+    assert cvs[0] > 1.0 and sum(cvs[-50:]) / 50 < 0.1, (cvs[0], cvs[-50:])
+    assert all(torch.equal(p, weights[n]) for n, p in layer.named_parameters())  # no training
+    off = _planted_layer(balance="aux")  # the same layer without the bias stays imbalanced
+    assert min(_balance(off, 50)) > 1.0 and not off.expert_bias.any()
+
+
+def test_planted_imbalance_inside_clusters_is_removed_at_both_stages():
+    from cluster import recluster
+    layer = _planted_layer()
+    recluster(layer, restarts=0)                       # 2 clusters of 4, hierarchical routing
+    with torch.no_grad():
+        layer.cluster_router[0] += 0.15                # and every token leans to cluster 0
+    cvs, cluster_cvs = [], []
+    for step in range(400):
+        x = torch.randn(1, 2048, 16, generator=torch.Generator().manual_seed(step)).abs()
+        layer(x)
+        cvs.append(load_cv(layer.step_counts).item())
+        cluster_cvs.append(load_cv(layer.step_cluster_counts).item())
+        layer.balance_step()
+    assert cluster_cvs[0] > 0.5 and sum(cluster_cvs[-50:]) / 50 < 0.1, cluster_cvs[::40]
+    assert cvs[0] > 0.5 and sum(cvs[-50:]) / 50 < 0.1, cvs[::40]

@@ -35,10 +35,10 @@ def test_clustered_training_loss_falls(tmp_path):
         assert key in log[-1]
 
 
-@pytest.mark.parametrize("moe", ["topk", "clustered"])
-def test_resume_equals_uninterrupted(tmp_path, moe):
-    schedule = [f"--moe={moe}", "--eval_interval=4", "--warmup_iters=2",
-                "--recluster_interval=3", "--lr_decay_iters=8", "--dropout=0.1"]
+@pytest.mark.parametrize("moe,balance", [("topk", "aux"), ("topk", "bias"), ("clustered", "bias")])
+def test_resume_equals_uninterrupted(tmp_path, moe, balance):
+    schedule = [f"--moe={moe}", "--eval_interval=4", "--warmup_iters=2", f"--balance={balance}",
+                "--recluster_interval=3", "--lr_decay_iters=8", "--dropout=0.1", "--bias_rate=0.01"]
     train.train(_cfg(tmp_path / "a", "--max_iters=8", *schedule))
     train.train(_cfg(tmp_path / "b", "--max_iters=4", *schedule))
     train.train(_cfg(tmp_path / "b", "--max_iters=8", "--resume", *schedule))
@@ -48,6 +48,8 @@ def test_resume_equals_uninterrupted(tmp_path, moe):
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    biases = [v for k, v in a["model"].items() if k.endswith("expert_bias")]
+    assert all(v.any() for v in biases) == (balance == "bias")       # the bias is model state
 
 
 def test_config_errors_before_any_work(tmp_path):
@@ -87,3 +89,68 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="iteration 2"):
         train.train(cfg)
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter"] == 2
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import cli
+    cfg = _cfg(tmp_path, "--moe=dense", "--max_iters=4", "--eval_interval=2")
+    real = cli.shutil.disk_usage
+    saves = []
+
+    def filling(path):  # room for the first checkpoint, then the disk is full
+        usage = real(path)
+        saves.append(path)
+        return usage if len(saves) == 1 else usage._replace(free=1000)
+    monkeypatch.setattr(cli.shutil, "disk_usage", filling)
+    with pytest.raises(cli.CheckpointError) as error:
+        train.train(cfg)
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / "out" / "ckpt.pt") in message
+    assert "GiB free" in message and "last good checkpoint is kept" in message
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter"] == 2
+    assert not (tmp_path / "out" / "ckpt.tmp").exists()
+
+
+def test_a_failed_write_removes_its_temp_file_and_keeps_the_last(tmp_path, monkeypatch):
+    import cli
+    path = tmp_path / "ckpt.pt"
+    cli.save_atomic({"w": torch.ones(3)}, path)
+
+    def no_space(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cli.torch, "save", no_space)
+    with pytest.raises(cli.CheckpointError, match="No space left on device"):
+        cli.save_atomic({"w": torch.zeros(3)}, path)
+    assert not path.with_suffix(".tmp").exists()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+
+
+def test_final_weights_only_checkpoint_is_smaller_and_cannot_resume(tmp_path):
+    base = ["--moe=topk", "--eval_interval=2"]
+    train.train(_cfg(tmp_path / "full", "--max_iters=4", *base))
+    train.train(_cfg(tmp_path / "w", "--max_iters=4", "--final_ckpt=weights", *base))
+    full, weights = (tmp_path / "full" / "out" / "ckpt.pt"), (tmp_path / "w" / "out" / "ckpt.pt")
+    assert weights.stat().st_size < 0.5 * full.stat().st_size
+    a, b = (torch.load(p, weights_only=True) for p in (full, weights))
+    assert b["optimizer"] is None and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    result = subprocess.run([sys.executable, "train.py", *TINY, "--moe=topk", "--max_iters=6",
+                             "--resume", f"--out_dir={tmp_path / 'w' / 'out'}",
+                             f"--data_dir={tmp_path / 'data'}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "holds weights only" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_drops_what_was_logged_after_the_checkpoint(tmp_path):
+    schedule = ["--moe=clustered", "--eval_interval=4", "--warmup_iters=2", "--recluster_interval=2"]
+    train.train(_cfg(tmp_path, "--max_iters=4", *schedule))
+    out = tmp_path / "out"
+    # A run that logged iteration 8 and a recluster at 4, then died before its checkpoint.
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"iter": 8, "val_loss": 0.0}) + "\n")
+    with open(out / "reclusters.jsonl", "a") as f:
+        f.write(json.dumps({"iter": 4}) + "\n")
+    train.train(_cfg(tmp_path, "--max_iters=8", "--resume", *schedule))
+    iters = [json.loads(line)["iter"] for line in (out / "log.jsonl").read_text().splitlines()]
+    events = [json.loads(line)["iter"] for line in (out / "reclusters.jsonl").read_text().splitlines()]
+    assert iters == [4, 8] and events == [2, 4, 6]
