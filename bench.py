@@ -66,13 +66,17 @@ class BenchConfig:
     big_hidden: int = 2048
     offload_clusters: int = 4      # offload budget, in cluster entries
     model_blocks: str = ""         # models section: block sizes, comma-separated ('' = the preset's)
-    compile_models: bool = True    # models section: torch.compile the train step (CUDA)
+    model_modes: str = "eager,compiled,graphed,reduce-overhead"  # models section, how each train
+                                   # step runs: eager | compiled (torch.compile) | graphed (compiled,
+                                   # the whole step replayed from one CUDA graph: graph_step.py) |
+                                   # reduce-overhead (torch.compile's own CUDA graphs); CPU: eager
     # quality
     dataset: str = "shakespeare"   # as train.py: a name, or folders/zips of .txt, comma-separated
     data_dir: str = "data"
     train_iters: int = 1000
     sweep_iters: int = 0           # baseline: the lr sweep's budget (0 = train_iters)
     lrs: str = "3e-4,6e-4,1e-3"    # baseline: the learning rates every model is swept over
+    models: str = ""               # baseline: which of its models, comma-separated ('' = all)
     eval_iters: int = 20
     seeds: int = 3                 # trainings per model; quality is reported as mean +- std
     parallel: int = 1              # train.py processes at once on the one device (see bench_quality)
@@ -116,14 +120,22 @@ MODEL_VARIANTS = (("dense", {"moe": "dense"}), ("topk", {"moe": "topk"}),
                   ("clustered, fused", {"moe": "clustered", "moe_impl": "fused"}))
 
 
+MODES = {"eager": {}, "compiled": {"compile": True}, "graphed": {"compile": True, "cuda_graph": True},
+         "reduce-overhead": {"compile": True, "compile_mode": "reduce-overhead"}}
+
+
 def bench_models(cfg: BenchConfig, device) -> list[dict]:
     """Whole models, each alone on the device (train.py's default size, or --preset's), at
-    each of `model_blocks`: parameters, train tokens/s (compiled with --compile_models),
-    the ratio to top-k in the same run, MFU, peak memory in training, the first clustering's
-    seconds, and eager inference (prefill) tokens/s."""
+    each of `model_blocks` and in each of `model_modes`: parameters, train tokens/s, the
+    ratio to top-k in the same mode and block, MFU, peak memory in training, the first
+    clustering's seconds, and eager inference (prefill) tokens/s."""
     rows = []
     peak = peak_flops(device)
     blocks = [int(b) for b in cfg.model_blocks.split(",")] if cfg.model_blocks else [0]
+    modes = [m for m in cfg.model_modes.split(",") if device.type == "cuda" or m == "eager"]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown model_modes {sorted(unknown)}; valid: {','.join(MODES)}")
     for block in blocks:
         block_rows = []
         for name, overrides in MODEL_VARIANTS:
@@ -132,21 +144,25 @@ def bench_models(cfg: BenchConfig, device) -> list[dict]:
             tc = _model_config(cfg, overrides["moe"])
             tc.moe_impl = overrides.get("moe_impl", tc.moe_impl)
             tc.block_size = block or tc.block_size
-            tc.compile = cfg.compile_models and device.type == "cuda"
-            row = {"model": name, "block_size": tc.block_size, "batch_size": tc.batch_size,
-                   "compiled": tc.compile, **train_speed(tc, device, cfg.repeats, cfg.warmup, peak)}
+            for mode in modes:
+                timed_tc = dataclasses.replace(tc, **MODES[mode])
+                row = {"model": name, "mode": mode, "block_size": tc.block_size,
+                       "batch_size": tc.batch_size,
+                       **train_speed(timed_tc, device, cfg.repeats, cfg.warmup, peak)}
+                block_rows.append(row)
             model = build_model(tc, device).eval()
             x = torch.randint(0, tc.vocab_size, (tc.batch_size, tc.block_size), device=device)
             autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
             with torch.no_grad(), autocast:
                 ms = timed(lambda: model(x), device, cfg.repeats, cfg.warmup)
-            row["infer_tokens_per_sec"] = x.numel() / ms * 1e3
+            for row in block_rows[-len(modes):]:
+                row["infer_tokens_per_sec"] = x.numel() / ms * 1e3
             del model
-            block_rows.append(row)
-        top = next(r for r in block_rows if r["model"] == "topk")
-        for row in block_rows:
-            row["speed_vs_topk"] = row["train_tokens_per_sec"] / top["train_tokens_per_sec"]
-            row["infer_vs_topk"] = row["infer_tokens_per_sec"] / top["infer_tokens_per_sec"]
+        for mode in modes:
+            top = next(r for r in block_rows if r["model"] == "topk" and r["mode"] == mode)
+            for row in (r for r in block_rows if r["mode"] == mode):
+                row["speed_vs_topk"] = row["train_tokens_per_sec"] / top["train_tokens_per_sec"]
+                row["infer_vs_topk"] = row["infer_tokens_per_sec"] / top["infer_tokens_per_sec"]
         rows += block_rows
     return rows
 
@@ -247,7 +263,11 @@ def bench_baseline(cfg: BenchConfig, device, out: Path) -> list[dict]:
     base.warmup_iters, base.recluster_interval = (200, 100) if not cfg.smoke else (2, 1)
     base.device, base.compile, base.final_ckpt = str(device), device.type == "cuda", "weights"
     lrs = [float(lr) for lr in cfg.lrs.split(",")]
-    return lr_sweep(base, GRIDS["baseline"], lrs, cfg.sweep_iters or cfg.train_iters,
+    models = {name: v for name, v in GRIDS["baseline"].items()
+              if not cfg.models or name in cfg.models.split(",")}
+    if cfg.models and len(models) != len(cfg.models.split(",")):
+        raise ValueError(f"models must name some of {','.join(GRIDS['baseline'])}, got {cfg.models!r}")
+    return lr_sweep(base, models, lrs, cfg.sweep_iters or cfg.train_iters,
                     cfg.train_iters, cfg.seeds, out / "baseline", cfg.parallel, cfg.routing_batches)
 
 
@@ -320,24 +340,27 @@ def claims(results: dict) -> list[dict]:
             f"{clu['devices_per_token']:.2f}", _verdict(clu["devices_per_token"] < top["devices_per_token"]))
         add("INT4 perplexity change", "small", f"{clu['int4_ppl_change']:+.2%}",
             _verdict(abs(clu["int4_ppl_change"]) <= 0.01))
-    models = {(r["model"], r["block_size"]): r for r in results.get("models", [])}
-    for (name, block), row in models.items():
-        top, dense = models.get(("topk", block)), models.get(("dense", block))
-        how = f"block {block}, {'compiled' if row['compiled'] else 'eager'}"
+    models = {(r["model"], r["block_size"], r["mode"]): r for r in results.get("models", [])}
+    row_modes = list(dict.fromkeys(mode for _, _, mode in models))
+    for (name, block, mode), row in models.items():
+        top, dense = models.get(("topk", block, mode)), models.get(("dense", block, mode))
+        how = f"block {block}, {row['mode']}"
+        paper = results.get("config", {}).get("preset") == "paper"
+        goal = 1.15 if paper else 1.0     # ours: the paper's +10-20% at its size, parity below it
         if name.startswith("clustered") and top:
-            add(f"train throughput vs top-k ({name}, {how})", "+10-20%", f"{row['speed_vs_topk']:.2f}x",
-                _verdict(row["speed_vs_topk"] >= 1.1))
-            add(f"inference (prefill) vs top-k ({name}, block {block})", "faster",
-                f"{row['infer_vs_topk']:.2f}x", _verdict(row["infer_vs_topk"] >= 1.0))
+            add(f"train throughput vs top-k ({name}, {how})", f"+10-20% (ours: >= {goal}x)",
+                f"{row['speed_vs_topk']:.2f}x", _verdict(row["speed_vs_topk"] >= goal))
+            if mode == row_modes[0]:  # inference is timed once per model
+                add(f"inference (prefill) vs top-k ({name}, block {block})", "faster",
+                    f"{row['infer_vs_topk']:.2f}x", _verdict(row["infer_vs_topk"] >= 1.0))
         if name == "topk" and dense:
             speed = row["train_tokens_per_sec"] / dense["train_tokens_per_sec"]
             add(f"top-k vs dense of equal active width ({how})", "(ours: >= 0.8x)", f"{speed:.2f}x",
                 _verdict(speed >= 0.8))
         if name == "dense" and row.get("mfu") is not None:
-            add(f"dense model FLOPs utilization ({how})", "(ours: >= 40%)", f"{row['mfu']:.1%}",
-                _verdict(row["mfu"] >= 0.4))
-        if name == "clustered" and "first_recluster_s" in row and \
-                results.get("config", {}).get("preset") == "paper":
+            add(f"dense model FLOPs utilization ({how})", "(ours: >= 45%)", f"{row['mfu']:.1%}",
+                _verdict(row["mfu"] >= 0.45))
+        if name == "clustered" and "first_recluster_s" in row and paper and mode == row_modes[0]:
             add(f"first clustering, wall time (block {block})", "(ours: <= 3 s at the paper's size)",
                 f"{row['first_recluster_s']:.2f} s", _verdict(row["first_recluster_s"] <= 3))
     infer = {(r["size"], r["model"]): r for r in results.get("inference", [])}
@@ -375,7 +398,7 @@ SECTIONS = {
     "models": (lambda cfg, device, out: bench_models(cfg, device),
                lambda cfg, env: f"Whole models ({cfg.preset or 'default'} size, each alone, train = "
                                 f"fwd+bwd+AdamW, batch {cfg.batch_size}; {env['device']}):",
-               ["model", "block_size", "compiled", "total_params", "active_params", "train_tokens_per_sec",
+               ["model", "mode", "block_size", "total_params", "active_params", "train_tokens_per_sec",
                 "speed_vs_topk", "mfu", "train_peak_mib", "first_recluster_s", "infer_tokens_per_sec",
                 "infer_vs_topk"]),
     "inference": (lambda cfg, device, out: bench_inference(cfg, device),

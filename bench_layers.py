@@ -59,30 +59,44 @@ def build_model(tc, device, dtype=None, timings: dict | None = None) -> GPT:
 
 
 def train_speed(tc, device, repeats: int = 20, warmup: int = 5, peak: float | None = None) -> dict:
-    """One model of a TrainConfig alone on the device: median train step (forward, backward,
-    fused AdamW, bf16 autocast on CUDA; torch.compile if tc.compile) on random tokens ->
-    train tokens/s, peak MiB, MFU (model FLOPs over `peak` FLOP/s, None without one),
-    parameters, and for clustered models the first clustering's seconds."""
+    """One model of a TrainConfig alone on the device: median train step (train.train_step:
+    forward, backward, clipping, fused AdamW, the balancing biases; bf16 autocast on CUDA;
+    torch.compile if tc.compile, in tc.compile_mode; replayed from a CUDA graph if
+    tc.cuda_graph) on random tokens -> train tokens/s, peak MiB, MFU (model FLOPs over `peak`
+    FLOP/s, None without one), parameters, and for clustered models the first clustering's
+    seconds."""
+    from train import OneProcess, build_optimizer, train_step  # bench_layers sits below train
+    from train_log import Interval
     free_memory(device)
     timings = {}
     model = build_model(tc, device, timings=timings)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    runner = torch.compile(model) if tc.compile and device.type == "cuda" else model
+    optimizer = build_optimizer(model, tc)
+    runner = torch.compile(model, mode=tc.compile_mode) if tc.compile and device.type == "cuda" else model
     tokens = torch.randint(0, tc.vocab_size, (tc.batch_size, tc.block_size + 1), device=device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+    batches = [(tokens[:, :-1], tokens[:, 1:])] * tc.grad_accum
+    cuda = device.type == "cuda"
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda, cache_enabled=not tc.cuda_graph)
+    strategy, interval = OneProcess(str(device), "bfloat16" if cuda else "float32"), \
+        Interval.start(model.moe_layers(), device)
+
+    def eager(batches):
+        train_step(runner, model, optimizer, batches, tc, autocast, strategy, interval)
+    graphed = None
+    if tc.cuda_graph and cuda:
+        from graph_step import GraphedStep
+        graphed = GraphedStep(eager, model)
 
     def step():
-        with autocast:
-            _, loss, aux = runner(x, y)
-        (loss + aux).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    ms = timed(step, device, repeats, warmup + (3 if runner is not model else 0))
-    rate = x.numel() / ms * 1e3
+        if graphed is not None:
+            graphed(batches)
+        else:
+            eager(batches)
+            optimizer.zero_grad(set_to_none=True)
+    ms = timed(step, device, repeats, warmup + (3 if runner is not model or graphed else 0))
+    rate = batches[0][0].numel() * len(batches) / ms * 1e3
     result = {**model.param_counts(), "train_tokens_per_sec": rate, "train_peak_mib": peak_mib(device),
               "mfu": model.flops_per_token() * rate / peak if peak else None, **timings}
-    del model, optimizer, runner
+    del model, optimizer, runner, graphed
     free_memory(device)
     return result
 

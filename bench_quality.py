@@ -295,9 +295,9 @@ GRIDS = {
     # the balancing top-k gets.
     "baseline": {
         "dense": {"moe": "dense"},
-        "top-k, aux loss": {"moe": "topk", "balance": "aux"},
-        "top-k, bias": {"moe": "topk", "balance": "bias", "aux_loss_coef": 0.0},
-        "clustered, bias": {"moe": "clustered", "balance": "bias", "aux_loss_coef": 0.0},
+        "topk-aux": {"moe": "topk", "balance": "aux"},
+        "topk-bias": {"moe": "topk", "balance": "bias", "aux_loss_coef": 0.0},
+        "clustered-bias": {"moe": "clustered", "balance": "bias", "aux_loss_coef": 0.0},
     },
     # The paper's ablations (its Table: dynamic vs static clustering, no online clustering, no
     # low-rank compression, no hierarchical routing) next to the two baselines.

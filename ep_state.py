@@ -6,16 +6,21 @@ holds), the shards' optimizer moments gathered / re-sliced (`gather_optimizer_st
 `shard_optimizer_state`: checkpoints and resume on any number of ranks), and reclustering
 under expert parallelism (`recluster_model`: gather each layer and its moments, regroup with
 cluster.recluster identically on every rank, keep this rank's slice again).
+Also `ExpertParallel`, the training loop's strategy for it (train.py's hooks: parallelize
+the model, sync and clip gradients, recluster, gather checkpoints).
 Does not own: the layer, placement or the exchange (ep.py), the regrouping (cluster.py).
 """
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+import ep
 from cluster import carry_optimizer_state, recluster
 from ep import ExpertParallelMoE, gather_state
 from model import MoE
+from train import DataParallel
 
 
 def full_state_dict(model) -> dict:
@@ -127,3 +132,49 @@ def shard_optimizer_state(state: dict, optimizer, shards: list, ep_group) -> dic
         if i in state["state"]:
             state["state"][i] = _rows_of(state["state"][i], me, size)
     return state
+
+
+class ExpertParallel(DataParallel):
+    """train.py's strategy for --expert_parallel=N under torchrun: no DDP wrapper; each MoE
+    layer's bank is split over groups of N ranks (ep.py), the rest is replicated. Every rank
+    evaluates (each forward needs its whole group); load CV is over rank 0's tokens, and the
+    parameter counts in log.jsonl are one rank's (its slice of each bank)."""
+    everyone_evaluates = True
+
+    def __init__(self, device: str, dtype: str, size: int):
+        super().__init__(device, dtype)
+        self.ep_group, self.replica_group = ep.expert_parallel_groups(self.rank, self.world, size)
+        self.shards = []
+
+    def _refresh(self, model):
+        self.shards = [p for layer in model.moe_layers() for p in layer.bank.parameters()]
+
+    def prepare(self, model):
+        """Every rank starts from rank 0's weights, then keeps only its shard of each bank."""
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+        ep.parallelize(model, self.ep_group)
+        self._refresh(model)
+
+    def wrap(self, model):
+        return model
+
+    def no_sync(self, runner, last_micro: bool):
+        return nullcontext()
+
+    def sync_grads(self, model):
+        ep.sync_grads(model, self.shards, self.world, self.replica_group)
+
+    def clip(self, model, max_norm: float):
+        ep.clip_grad_norm(model, self.shards, max_norm, self.ep_group)
+
+    def _regroup(self, model, optimizer, **kwargs) -> dict:
+        result = recluster_model(model, optimizer, **kwargs)
+        self._refresh(model)
+        return result
+
+    def checkpoint_state(self, model, optimizer) -> tuple[dict, dict]:
+        return full_state_dict(model), gather_optimizer_state(optimizer, self.shards, self.ep_group)
+
+    def load_optimizer_state(self, optimizer, state: dict):
+        optimizer.load_state_dict(shard_optimizer_state(state, optimizer, self.shards, self.ep_group))

@@ -29,8 +29,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-import ep
-import ep_state
 from cli import CheckpointError, load_model, parse_config, resolve_device, save_atomic
 from cluster import carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
@@ -67,6 +65,10 @@ class TrainConfig(GPTConfig):
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     dtype: str = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (its own CUDA
+                                   # graphs of forward and backward) | max-autotune
+    cuda_graph: bool = False       # replay the whole train step (forward, backward, AdamW) from
+                                   # one CUDA graph (graph_step.py); captured again after reclusters
     expert_parallel: int = 1       # ranks that split each MoE layer's experts (torchrun; 1 = off)
     # clustering schedule (moe=clustered); the paper's settings
     warmup_iters: int = 200        # train as top-k MoE this long (burn-in), then cluster + compress
@@ -93,6 +95,8 @@ class TrainConfig(GPTConfig):
     eval_interval: int = 100
     eval_iters: int = 20
     log_interval: int = 10
+    ckpt_interval: int = 0         # iterations between checkpoints (0: at every eval); the last
+                                   # iteration is always saved
     final_ckpt: str = "full"       # what the last checkpoint keeps: full (optimizer state too, so
                                    # --resume can extend the run) | weights (about 1/3 of the bytes
                                    # with fp32 AdamW; enough to evaluate, fine-tune and sample)
@@ -115,9 +119,19 @@ class TrainConfig(GPTConfig):
             (self.cluster_mode in CLUSTER_MODES, f"cluster_mode must be one of {CLUSTER_MODES}"),
             (self.kmeans_restarts >= 0, "kmeans_restarts must be >= 0"),
             (self.expert_parallel >= 1, "expert_parallel must be >= 1"),
-            (self.shock_iters >= 0, "shock_iters must be >= 0"),
+            (self.shock_iters >= 0 and self.ckpt_interval >= 0,
+             "shock_iters and ckpt_interval must be >= 0"),
             (self.final_ckpt in ("full", "weights"), "final_ckpt must be full|weights"),
+            (self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
+             "compile_mode must be default|reduce-overhead|max-autotune"),
         ]
+        if self.cuda_graph:
+            rules += [
+                (self.device != "cpu" and torch.cuda.is_available(), "--cuda_graph needs CUDA"),
+                ("RANK" not in os.environ, "--cuda_graph runs in one process (not under torchrun)"),
+                (self.moe_impl != "loop", "--cuda_graph needs device-side grouped matmuls "
+                 "(moe_impl=loop reads group sizes on the host)"),
+            ]
         if self.expert_parallel > 1:
             rules += [
                 (self.moe in ("topk", "clustered"), "--expert_parallel needs a MoE (topk or clustered)"),
@@ -143,19 +157,30 @@ class TrainConfig(GPTConfig):
         return self
 
 
-def build_optimizer(model, cfg: TrainConfig, old=None, reset=()):
-    """AdamW, decay on matrices only; carry state from `old` for params not in `reset`."""
+def build_optimizer(model, cfg: TrainConfig, old=None):
+    """AdamW, decay on matrices only; state carried from `old` for every parameter it has
+    state for (a recluster replaces some parameters: those start fresh). For a graphed step
+    (--cuda_graph) the optimizer is capturable and its lr a device tensor, set in place."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = next(model.parameters()).is_cuda
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+    cuda = next(model.parameters()).is_cuda
+    graphed = cfg.cuda_graph and cuda
+    lr = torch.tensor(cfg.lr, device=next(model.parameters()).device) if graphed else cfg.lr
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=cuda, capturable=graphed)
     if old is not None:
-        reset_ids = {id(p) for p in reset}
         for p in params:
-            if id(p) not in reset_ids and p in old.state:
+            if p in old.state:
                 optimizer.state[p] = old.state[p]
     return optimizer
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def lr_at(it: int, cfg: TrainConfig) -> float:
@@ -181,68 +206,164 @@ def rng_state(batch_gen: torch.Generator) -> dict:
     return state
 
 
-def setup_distributed(cfg: TrainConfig):
-    """-> (ddp, rank, world, device, dtype). Distributed when launched by torchrun (RANK is
-    set): gloo on --device=cpu, else NCCL with one GPU per process."""
+class OneProcess:
+    """How the loop runs on one device; DataParallel and ep_state.ExpertParallel change the
+    hooks they need. Each hook is what one process does at that point of the loop."""
+    rank, world, master, everyone_evaluates = 0, 1, True, False
+
+    def __init__(self, device: str, dtype: str):
+        self.device, self.dtype = device, dtype
+
+    def prepare(self, model):                 # after the model is built or loaded
+        pass
+
+    def wrap(self, model):                    # the module the loop calls (DDP wraps it)
+        return model
+
+    def no_sync(self, runner, last_micro: bool):
+        return nullcontext()
+
+    def sync_grads(self, model):              # after the last backward of a step
+        pass
+
+    def clip(self, model, max_norm: float):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def sum_over_ranks(self, tensors: list):  # in place
+        pass
+
+    def recluster(self, model, optimizer, **kwargs) -> dict:
+        """cluster.recluster_model, then the optimizer state follows the experts ->
+        its result plus 'created': whether parameters were replaced (rebuild the optimizer)."""
+        result = recluster_model(model, **kwargs)
+        carry_optimizer_state(optimizer, result)
+        return {**result, "created": bool(result["reset"])}
+
+    def checkpoint_state(self, model, optimizer) -> tuple[dict, dict]:
+        return model.state_dict(), optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer, state: dict):
+        optimizer.load_state_dict(state)
+
+    def all_rngs(self, rng: dict) -> list:
+        return [rng]
+
+    def close(self):
+        pass
+
+
+class DataParallel(OneProcess):
+    """DDP under torchrun: every rank holds the whole model and its own batches; gradients
+    are averaged on the last micro-batch of a step."""
+    def __init__(self, device: str, dtype: str):
+        super().__init__(device, dtype)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.master = self.rank == 0
+
+    def wrap(self, model):
+        return DDP(model, device_ids=[self.device] if self.device.startswith("cuda") else None)
+
+    def no_sync(self, runner, last_micro: bool):
+        return nullcontext() if last_micro else runner.no_sync()
+
+    def sum_over_ranks(self, tensors: list):
+        flat = torch.cat([t.flatten() for t in tensors])
+        dist.all_reduce(flat)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+
+    def recluster(self, model, optimizer, **kwargs) -> dict:
+        # Every rank regroups from rank 0's statistics, so every replica regroups alike.
+        for layer in model.moe_layers():
+            for buf in layer.buffers():
+                dist.broadcast(buf, 0)
+        return self._regroup(model, optimizer, **kwargs)
+
+    def _regroup(self, model, optimizer, **kwargs) -> dict:
+        return OneProcess.recluster(self, model, optimizer, **kwargs)
+
+    def all_rngs(self, rng: dict) -> list:
+        rngs = [None] * self.world
+        dist.all_gather_object(rngs, rng)
+        return rngs
+
+    def close(self):
+        dist.destroy_process_group()
+
+
+def make_strategy(cfg: TrainConfig) -> OneProcess:
+    """One process, or (launched by torchrun: RANK is set) DDP or expert parallelism: gloo
+    on --device=cpu, else NCCL with one GPU per process."""
     if int(os.environ.get("RANK", -1)) == -1:
-        return (False, 0, 1, *resolve_device(cfg.device, cfg.dtype))
+        return OneProcess(*resolve_device(cfg.device, cfg.dtype))
     if cfg.device == "cpu":
         dist.init_process_group("gloo")
-        return True, dist.get_rank(), dist.get_world_size(), "cpu", resolve_device("cpu", cfg.dtype)[1]
-    dist.init_process_group("nccl")
-    device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device, resolve_device("cuda", cfg.dtype)[1]
+        device = "cpu"
+    else:
+        dist.init_process_group("nccl")
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dtype = resolve_device("cpu" if device == "cpu" else "cuda", cfg.dtype)[1]
+    if cfg.expert_parallel > 1:
+        from ep_state import ExpertParallel   # machinery, loaded only when asked for
+        return ExpertParallel(device, dtype, cfg.expert_parallel)
+    return DataParallel(device, dtype)
 
 
-def load_data(cfg: TrainConfig, master: bool, ddp: bool):
+def load_data(cfg: TrainConfig, strategy: OneProcess):
     """Rank 0 prepares (downloads, tokenizes) while the others wait; all then memory-map."""
-    if master:
+    if strategy.master:
         folder = data.prepare(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
-    if ddp:
+    if strategy.world > 1:
         dist.barrier()
         folder = data.prepare(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
     return data.load_split(folder, "train"), data.load_split(folder, "val"), data.read_meta(folder)
 
 
-def balance_loads(layers, cfg: TrainConfig, ddp: bool) -> None:
-    """After an optimizer step: each MoE layer's loads over the step, summed over every rank
-    (the router is replicated under DDP and expert parallelism alike, so every replica's
-    biases must move the same way), drive its bias update (model.MoE.balance_step)."""
-    if ddp and layers and cfg.balance == "bias":
-        counts = [c for layer in layers for c in (layer.step_counts, layer.step_cluster_counts)]
-        flat = torch.cat(counts)
-        dist.all_reduce(flat)
-        for c, part in zip(counts, flat.split([c.numel() for c in counts])):
-            c.copy_(part)
+def train_step(runner, model, optimizer, batches, cfg: TrainConfig, autocast, strategy,
+               interval: Interval) -> None:
+    """One optimizer step on the device alone (no host sync, so a CUDA graph can capture it
+    whole): grad_accum micro-batches (gradients synced on the last), clipping, AdamW, the
+    interval's loss and loads, then the balancing biases (loads summed over micro-batches
+    and ranks). The caller zeroes the gradients (an eager step) or keeps them (a graph)."""
+    for micro, (x, y) in enumerate(batches):
+        with strategy.no_sync(runner, micro == len(batches) - 1), autocast:
+            _, lm_loss, aux = runner(x, y)
+            loss = (lm_loss + aux) / cfg.grad_accum
+        loss.backward()
+        interval.loss_sum += lm_loss.detach() / cfg.grad_accum
+    strategy.sync_grads(model)
+    if cfg.grad_clip > 0:
+        strategy.clip(model, cfg.grad_clip)
+    optimizer.step()
+    layers = model.moe_layers()
+    interval.add_loads(layers)
+    if cfg.balance == "bias":
+        strategy.sum_over_ranks([c for l in layers for c in (l.step_counts, l.step_cluster_counts)])
     for layer in layers:
         layer.balance_step()
 
 
-def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, out_dir: Path,
-                    shock_eval=None, regroup=recluster_model) -> dict:
-    """Regroup and re-factorize every MoE layer (all ranks, from rank 0's statistics, so
-    every replica regroups identically). Rank 0 appends one line to reclusters.jsonl: experts
-    moved, per-layer similarity gain and whether the regrouping was skipped, seconds, the
-    membership, and the validation loss just before and after (`shock_eval`, the recluster
-    shock; its time is reported apart; every rank that gets one calls it). regroup:
-    cluster.recluster_model, or ep_state.recluster_model bound to the optimizer."""
+def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, out_dir: Path,
+                    shock_eval=None) -> dict:
+    """Regroup and re-factorize every MoE layer (every rank alike). Rank 0 appends one line
+    to reclusters.jsonl: experts moved, per-layer similarity gain and whether the regrouping
+    was skipped, seconds, the membership, and the validation loss just before and after
+    (`shock_eval`, the recluster shock; its time is reported apart; every rank that gets one
+    calls it). -> the strategy's recluster result, with 'seconds' and 'shock_s'."""
     layers = model.moe_layers()
-    if ddp:
-        for layer in layers:
-            for buf in layer.buffers():
-                dist.broadcast(buf, 0)
     measure = shock_eval is not None and layers[0].has_clusters and cfg.shock_iters > 0
     t_shock = time.perf_counter()
     before = shock_eval() if measure else None
     t0 = time.perf_counter()
-    result = regroup(model, alpha=cfg.alpha, seed=cfg.seed + it, similarity=cfg.similarity,
-                     min_gain=cfg.min_gain, restarts=cfg.kmeans_restarts,
-                     random_groups=cfg.cluster_mode == "random")
+    result = strategy.recluster(model, optimizer, alpha=cfg.alpha, seed=cfg.seed + it,
+                                similarity=cfg.similarity, min_gain=cfg.min_gain,
+                                restarts=cfg.kmeans_restarts,
+                                random_groups=cfg.cluster_mode == "random")
     t1 = time.perf_counter()
     after = shock_eval() if measure else None
     result["seconds"], result["shock_s"] = t1 - t0, (t0 - t_shock) + (time.perf_counter() - t1)
-    if master:
+    if strategy.master:
         m = cfg.n_experts // cfg.n_clusters  # membership[layer][expert] = cluster of each original expert
         membership = [[0] * cfg.n_experts for _ in layers]
         for row, layer in zip(membership, layers):
@@ -260,23 +381,26 @@ def recluster_event(model, cfg: TrainConfig, it: int, ddp: bool, master: bool, o
 def train(cfg: TrainConfig) -> dict:
     """Run one training job; returns the last eval record."""
     cfg.validate()
-    ddp, rank, world, device, dtype = setup_distributed(cfg)
-    master = rank == 0
-    torch.manual_seed(cfg.seed + rank)
+    strategy = make_strategy(cfg)
+    device, dtype, master = strategy.device, strategy.dtype, strategy.master
+    torch.manual_seed(cfg.seed + strategy.rank)
     out_dir = Path(cfg.out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-    train_tokens, val_tokens, meta = load_data(cfg, master, ddp)
+    train_tokens, val_tokens, meta = load_data(cfg, strategy)
 
-    # Model, optimizer and RNG streams: fresh, or exactly where the checkpoint left them.
-    batch_gen = torch.Generator().manual_seed(cfg.seed + rank)
+    # Model, optimizer and RNG streams (all ranks): fresh, or exactly where the checkpoint
+    # left them. Each rank has its own streams (a checkpoint from another world size: rank 0's).
+    batch_gen = torch.Generator().manual_seed(cfg.seed + strategy.rank)
     start_iter = 0
     if cfg.resume:
         model, ckpt = load_model(out_dir / "ckpt.pt", device)
+        if ckpt["optimizer"] is None:
+            raise ValueError(f"--resume: {out_dir / 'ckpt.pt'} holds weights only (final_ckpt="
+                             f"weights), no optimizer state to resume from")
         start_iter = ckpt["iter"]
-        # Each rank's own streams (older checkpoints, or another world size: rank 0's).
         rngs = ckpt.get("rng_ranks", [])
-        rng = rngs[rank] if len(rngs) == world else ckpt["rng"]
+        rng = rngs[strategy.rank] if len(rngs) == strategy.world else ckpt["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         batch_gen.set_state(rng["batches"].cpu())
         if "cuda" in rng and device.startswith("cuda"):
@@ -286,86 +410,58 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model = GPT(cfg.model_config()).to(device)
     if master:
-        print(startup_summary(cfg, model, meta, device, dtype, world))
-
-    # Expert parallelism: every rank starts from rank 0's weights (no DDP to broadcast them),
-    # then keeps only its shard of each bank.
-    expert_parallel = cfg.expert_parallel > 1
-    shards = []
-    shard_params = lambda: [p for layer in model.moe_layers() for p in layer.bank.parameters()]
-    if expert_parallel:
-        ep_group, replica_group = ep.expert_parallel_groups(rank, world, cfg.expert_parallel)
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, 0)
-        ep.parallelize(model, ep_group)
-        shards = shard_params()
+        print(startup_summary(cfg, model, meta, device, dtype, strategy.world))
+        if not cfg.resume:  # what this run is, beside its logs: flags, data and split
+            (out_dir / "config.json").write_text(json.dumps(
+                {"argv": sys.argv, "config": asdict(cfg), "data": meta.get("sources", cfg.dataset),
+                 "val_split": meta.get("val_split"), "tokens": meta.get("tokens")}, indent=1))
+    strategy.prepare(model)
     optimizer = build_optimizer(model, cfg)
     if cfg.resume:
-        state = ckpt["optimizer"]
-        if state is None:
-            raise ValueError(f"--resume: {out_dir / 'ckpt.pt'} holds weights only (final_ckpt="
-                             f"weights), no optimizer state to resume from")
-        if expert_parallel:
-            state = ep_state.shard_optimizer_state(state, optimizer, shards, ep_group)
-        optimizer.load_state_dict(state)
+        strategy.load_optimizer_state(optimizer, ckpt["optimizer"])
 
-    # Compile once: after a recluster swaps a layer's bank, dynamo's guards retrace by themselves.
-    compiled = torch.compile(model) if cfg.compile else model
-    use_ddp = ddp and not expert_parallel
-    device_ids = [device] if device.startswith("cuda") else None
-    wrap = lambda: DDP(compiled, device_ids=device_ids) if use_ddp else compiled
-    runner = wrap()
-    autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    layers = model.moe_layers()
-    interval, record = Interval.start(layers, device), {}
+    # Compile once: after a recluster swaps a layer's bank, dynamo's guards retrace by
+    # themselves. A graphed step replays the whole step; it captures again after a recluster.
+    compiled = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    runner = strategy.wrap(compiled)
+    # A CUDA graph cannot hold autocast's cache of cast weights (tensors made in capture).
+    autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=not cfg.cuda_graph) \
+        if dtype == "bfloat16" else nullcontext()
+    interval, record = Interval.start(model.moe_layers(), device), {}
+
+    def step(batches):  # the current runner and optimizer: a recluster may replace them
+        train_step(runner, model, optimizer, batches, cfg, autocast, strategy, interval)
+    if cfg.cuda_graph:
+        from graph_step import GraphedStep    # machinery, loaded only when asked for
+        step = GraphedStep(step, model)
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
     for it in bar:
-        # Recluster event (all ranks): the parameter set changes, so optimizer and DDP follow.
-        # Optimizer state follows the experts (carry_optimizer_state); only the first
-        # clustering creates parameters, so only then are the optimizer and DDP rebuilt.
+        # Recluster event (all ranks): optimizer state follows the experts; the first
+        # clustering creates parameters, so then the optimizer and the wrapper are rebuilt.
         if recluster_due(it, cfg):
             t_recluster = time.perf_counter()
             shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast, cfg.shock_iters)) \
-                if master or expert_parallel else None      # EP: each forward needs every rank
-            if expert_parallel:  # ep_state carries the optimizer state through gather and re-slice
-                regroup = lambda model, **kw: ep_state.recluster_model(model, optimizer, **kw)
-                result = recluster_event(model, cfg, it, ddp, master, out_dir, shock, regroup)
-                if result["created"]:
-                    optimizer, shards = build_optimizer(model, cfg, optimizer), shard_params()
-            else:
-                result = recluster_event(model, cfg, it, ddp, master, out_dir, shock)
-                carry_optimizer_state(optimizer, result)
-                if result["reset"]:
-                    optimizer = build_optimizer(model, cfg, optimizer, result["reset"])
-                    runner = wrap()
+                if master or strategy.everyone_evaluates else None
+            result = recluster_event(model, optimizer, cfg, it, strategy, out_dir, shock)
+            if result["created"]:
+                optimizer = build_optimizer(model, cfg, optimizer)
+                runner = strategy.wrap(compiled)
+            if cfg.cuda_graph:
+                step.reset()
             interval.moved += result["moved"]
             interval.reset_loads()
             interval.recluster_s += time.perf_counter() - t_recluster - result["shock_s"]
             interval.paused_s += result["shock_s"]  # a measurement, not training: untimed
 
-        # One optimizer step (all ranks): grad_accum micro-batches, gradients synced on the last.
+        # One optimizer step (all ranks), eager or replayed from the graph.
         lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            x, y = data.get_batch(train_tokens, cfg.batch_size, cfg.block_size, device, batch_gen)
-            sync = nullcontext() if not use_ddp or micro == cfg.grad_accum - 1 else runner.no_sync()
-            with sync, autocast:
-                _, lm_loss, aux = runner(x, y)
-                loss = (lm_loss + aux) / cfg.grad_accum
-            loss.backward()
-            interval.add_micro_step(lm_loss, layers, cfg.grad_accum)
+        set_lr(optimizer, lr)
+        step([data.get_batch(train_tokens, cfg.batch_size, cfg.block_size, device, batch_gen)
+              for _ in range(cfg.grad_accum)])
+        if not cfg.cuda_graph:
+            optimizer.zero_grad(set_to_none=True)
         interval.steps += 1
-        if expert_parallel:
-            ep.sync_grads(model, shards, world, replica_group)
-        if cfg.grad_clip > 0 and expert_parallel:
-            ep.clip_grad_norm(model, shards, cfg.grad_clip, ep_group)
-        elif cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        balance_loads(layers, cfg, ddp)
 
         # Progress and the non-finite check (all ranks): one host sync per log_interval.
         last = it == cfg.max_iters - 1
@@ -377,36 +473,30 @@ def train(cfg: TrainConfig) -> dict:
                                          f"the last good checkpoint in {out_dir} is kept")
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}")
 
-        # Close the eval interval: rank 0 evaluates, logs and checkpoints; every rank restarts
-        # its interval (and the clock). Under expert parallelism every rank evaluates (each
-        # forward needs its whole group) and gathers the full model and optimizer state.
+        # Close the eval interval: rank 0 evaluates (under expert parallelism every rank: each
+        # forward needs its whole group), logs and checkpoints; every rank restarts its clock.
         if eval_now:
-            if master or expert_parallel:
+            if master or strategy.everyone_evaluates:
                 record = close_interval(model, cfg, it, lr, train_loss, interval, val_tokens, meta,
-                                        world, device, autocast)
-            if expert_parallel:
-                model_state = ep_state.full_state_dict(model)
-                optimizer_state = ep_state.gather_optimizer_state(optimizer, shards, ep_group)
-            else:
-                model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-            rngs = [rng_state(batch_gen)]
-            if ddp:
-                rngs = [None] * world
-                dist.all_gather_object(rngs, rng_state(batch_gen))
-            if last and cfg.final_ckpt == "weights":
-                optimizer_state = None
+                                        strategy.world, device, autocast)
+            save = last or not cfg.ckpt_interval or (it + 1) % cfg.ckpt_interval == 0
+            if save:
+                model_state, optimizer_state = strategy.checkpoint_state(model, optimizer)
+                rngs = strategy.all_rngs(rng_state(batch_gen))
+                if last and cfg.final_ckpt == "weights":
+                    optimizer_state = None
             if master:
                 with open(out_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.write(f"iter {it + 1}: train {train_loss:.4f} val {record['val_loss']:.4f} "
                           f"ppl {record['val_ppl']:.1f} tok/s {record['tokens_per_sec']:.0f} "
                           f"load_cv {record['load_cv']:.3f}")
+            if master and save:
                 save_atomic({"model": model_state, "optimizer": optimizer_state,
                              "config": asdict(cfg), "iter": it + 1, "rng": rngs[0],
                              "rng_ranks": rngs}, out_dir / "ckpt.pt")
             interval.reset()
-    if ddp:
-        dist.destroy_process_group()
+    strategy.close()
     return record
 
 

@@ -62,11 +62,11 @@ class Interval:
         return cls(torch.zeros((), device=device), [torch.zeros_like(l.expert_counts) for l in layers],
                    [torch.zeros_like(l.cluster_counts) for l in layers])
 
-    def add_micro_step(self, lm_loss, layers, grad_accum: int):
-        self.loss_sum += lm_loss.detach() / grad_accum
+    def add_loads(self, layers):
+        """One step's loads (every micro-batch of it: model.MoE's step_counts), on the device."""
         for acc, cacc, layer in zip(self.loads, self.cluster_loads, layers):
-            acc += layer.expert_counts
-            cacc += layer.cluster_counts
+            acc += layer.step_counts
+            cacc += layer.step_cluster_counts
 
     def reset_loads(self):
         """After a recluster the expert slots were permuted: count afresh."""

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import ep
 from cli import load_model
 from model import GPT, GPTConfig
-from train import TrainConfig, balance_loads, build_optimizer, parse_config
+from train import DataParallel, TrainConfig, build_optimizer, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(n_layer=2, n_head=2, n_embd=16, ffn_hidden=24, n_experts=4, top_k=2, block_size=16,
@@ -61,7 +61,11 @@ def _check(rank, world, size):
     ep.clip_grad_norm(model, shards, 0.05, ep_group)
     compare()
     # The balancing biases move on the loads of every rank's tokens: as one process over all.
-    balance_loads(model.moe_layers(), TrainConfig(**CFG), ddp=True)
+    layers = model.moe_layers()   # as train.train_step does after the optimizer step
+    DataParallel("cpu", "float32").sum_over_ranks(
+        [c for layer in layers for c in (layer.step_counts, layer.step_cluster_counts)])
+    for layer in layers:
+        layer.balance_step()
     for layer in full.moe_layers():
         layer.balance_step()
     for layer, ref in zip(model.moe_layers(), full.moe_layers()):

@@ -154,3 +154,16 @@ def test_resume_drops_what_was_logged_after_the_checkpoint(tmp_path):
     iters = [json.loads(line)["iter"] for line in (out / "log.jsonl").read_text().splitlines()]
     events = [json.loads(line)["iter"] for line in (out / "reclusters.jsonl").read_text().splitlines()]
     assert iters == [4, 8] and events == [2, 4, 6]
+
+
+def test_checkpoints_every_ckpt_interval_and_at_the_end(tmp_path):
+    cfg = _cfg(tmp_path, "--moe=dense", "--max_iters=6", "--eval_interval=2", "--ckpt_interval=4")
+    saved = []
+    real = train.save_atomic
+    train.save_atomic = lambda obj, path: (saved.append(obj["iter"]), real(obj, path))
+    try:
+        train.train(cfg)
+    finally:
+        train.save_atomic = real
+    assert saved == [4, 6]
+    assert [json.loads(line)["iter"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
