@@ -77,6 +77,8 @@ class BenchConfig:
     sweep_iters: int = 0           # baseline: the lr sweep's budget (0 = train_iters)
     lrs: str = "3e-4,6e-4,1e-3"    # baseline: the learning rates every model is swept over
     models: str = ""               # baseline: which of its models, comma-separated ('' = all)
+    ckpt_interval: int = 0         # baseline: train.py's (0: a checkpoint at every eval; large
+                                   # models may need fewer: each holds weights and AdamW moments)
     eval_iters: int = 20
     seeds: int = 3                 # trainings per model; quality is reported as mean +- std
     parallel: int = 1              # train.py processes at once on the one device (see bench_quality)
@@ -262,6 +264,7 @@ def bench_baseline(cfg: BenchConfig, device, out: Path) -> list[dict]:
     base = _model_config(cfg, "topk")
     base.warmup_iters, base.recluster_interval = (200, 100) if not cfg.smoke else (2, 1)
     base.device, base.compile, base.final_ckpt = str(device), device.type == "cuda", "weights"
+    base.ckpt_interval = cfg.ckpt_interval
     lrs = [float(lr) for lr in cfg.lrs.split(",")]
     models = {name: v for name, v in GRIDS["baseline"].items()
               if not cfg.models or name in cfg.models.split(",")}
