@@ -39,9 +39,16 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def diverged(tc: TrainConfig) -> int | None:
+    """The iteration where a run's loss became non-finite (train.py's diverged.json), or None."""
+    path = Path(tc.out_dir) / "diverged.json"
+    return json.loads(path.read_text())["iter"] if path.exists() else None
+
+
 def finished(tc: TrainConfig) -> bool:
+    """Trained to max_iters, or diverged on the way (a result too: the lr was too high)."""
     log = read_log(tc)
-    return bool(log) and log[-1]["iter"] >= tc.max_iters
+    return diverged(tc) is not None or (bool(log) and log[-1]["iter"] >= tc.max_iters)
 
 
 def _flags(tc: TrainConfig) -> list[str]:
@@ -55,7 +62,7 @@ def _continue(tc: TrainConfig) -> TrainConfig:
     if read_log(tc) and (folder / "ckpt.pt").exists():
         print(f"resume: {tc.out_dir} from iteration {read_log(tc)[-1]['iter']}")
         return replace(tc, resume=True)
-    for name in ("log.jsonl", "reclusters.jsonl", "ckpt.pt"):
+    for name in ("log.jsonl", "reclusters.jsonl", "ckpt.pt", "diverged.json"):
         (folder / name).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     return tc
@@ -71,7 +78,10 @@ def run_grid(runs: list[TrainConfig], parallel: int = 1) -> None:
             print(f"skip (finished): {tc.out_dir}")
     if parallel <= 1:
         for tc in todo:
-            train(_continue(tc))
+            try:
+                train(_continue(tc))
+            except FloatingPointError as error:  # diverged: recorded, the grid goes on
+                print(f"diverged: {tc.out_dir}: {error}")
         return
     # Tokenize once, before the workers start, so they do not race on preparing the data.
     for tc in todo:
@@ -80,12 +90,13 @@ def run_grid(runs: list[TrainConfig], parallel: int = 1) -> None:
     def start(tc):
         tc = _continue(tc)
         return [ROOT / "train.py", *_flags(tc)], Path(tc.out_dir) / "train.out"
-    _pool(todo, start, parallel, "training")
+    _pool(todo, start, parallel, "training", ok=lambda log_path: (log_path.parent / "diverged.json").exists())
 
 
-def _pool(jobs: list, start, parallel: int, what: str) -> None:
+def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False) -> None:
     """Run `parallel` subprocesses at once, one per job: start(job) -> (script and flags, log
-    file). A job that fails stops the others; the error quotes the end of its log."""
+    file). A job that fails stops the others (unless ok(its log file) says the failure is a
+    result); the error quotes the end of its log."""
     todo, active = list(jobs), []
     while todo or active:
         while todo and len(active) < max(1, parallel):
@@ -100,7 +111,7 @@ def _pool(jobs: list, start, parallel: int, what: str) -> None:
             proc, log, log_path = item
             log.close()
             active.remove(item)
-            if proc.returncode != 0:
+            if proc.returncode != 0 and not ok(log_path):
                 for other, other_log, _ in active:
                     other.kill()
                     other_log.close()
@@ -180,9 +191,10 @@ def glue_scores(runs: list[TrainConfig], glue: dict, parallel: int = 1) -> list[
                  "out": out, "device": tc.device}
         return [ROOT / "eval_glue.py", *[f"--{k}={v}" for k, v in flags.items()]], \
             Path(tc.out_dir) / "glue.out"
-    _pool([tc for tc in runs if _glue_summary(Path(tc.out_dir) / "glue.jsonl") is None], start,
+    alive = [tc for tc in runs if diverged(tc) is None]  # a diverged run has no final checkpoint
+    _pool([tc for tc in alive if _glue_summary(Path(tc.out_dir) / "glue.jsonl") is None], start,
           parallel, "GLUE fine-tuning")
-    return [_glue_summary(Path(tc.out_dir) / "glue.jsonl") for tc in runs]
+    return [_glue_summary(Path(tc.out_dir) / "glue.jsonl") if tc in alive else None for tc in runs]
 
 
 def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: Path,
@@ -211,11 +223,17 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
         tc = grid[name, 0]
         row = {"variant": name, "seeds": seeds, "iters": tc.max_iters,
                "tokens": tc.max_iters * tc.batch_size * tc.block_size * tc.grad_accum}
+        gone = {i: diverged(grid[name, i]) for i in range(seeds) if diverged(grid[name, i]) is not None}
+        if gone:  # summaries are over the seeds that finished; a diverged seed scores inf
+            row["diverged"] = [f"seed {i} at iteration {at}" for i, at in gone.items()]
+            logs = [log for i, log in enumerate(logs) if i not in gone]
         for key in ("val_ppl", "load_cv", "cluster_load_cv"):
             values = [log[-1][key] for log in logs if key in log[-1]]
             if values:
                 s = summarize(values)
                 row[key], row[key + "_std"], row[key + "_seeds"] = s["mean"], s["std"], values
+        if not logs:
+            row["val_ppl"] = math.inf
         row["experts_moved"] = sum(r.get("experts_moved", 0) for log in logs for r in log) / seeds
         events = [json.loads(line) for i in range(seeds)
                   for line in _lines(Path(grid[name, i].out_dir) / "reclusters.jsonl")]
@@ -223,7 +241,8 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
         row["reclusters"] = len(events) / seeds
         row["shock"] = statistics.fmean(shocks) if shocks else None          # nats, mean over events
         row["shock_max"] = max(shocks, key=abs) if shocks else None
-        if speed:
+        kept = [i for i in range(seeds) if i not in gone]
+        if speed and logs:
             speeds = [statistics.median([r["tokens_per_sec"] for r in log[1:]] or
                                         [log[-1]["tokens_per_sec"]]) for log in logs]
             # Parallel runs share the GPU, so their logged speed means nothing: time the variant
@@ -232,15 +251,15 @@ def run_variants(base: TrainConfig, variants: dict[str, dict], seeds: int, out: 
             row["train_tokens_per_sec"] = statistics.fmean(speeds) if parallel <= 1 else \
                 train_speed(replace(tc, compile=False), torch.device(tc.device))["train_tokens_per_sec"]
             row["speed_measured"] = "from the training log" if parallel <= 1 else "alone, eager"
-        if heldout_batches and tc.moe != "dense":
-            values = [_heldout_load_cv(grid[name, i], heldout_batches) for i in range(seeds)]
+        if heldout_batches and tc.moe != "dense" and kept:
+            values = [_heldout_load_cv(grid[name, i], heldout_batches) for i in kept]
             s = summarize(values)
             row["heldout_load_cv"], row["heldout_load_cv_std"] = s["mean"], s["std"]
-        if glue:
-            scores = [scores_by_run[grid[name, i].out_dir] for i in range(seeds)]
+        if glue and kept:
+            scores = [scores_by_run[grid[name, i].out_dir] for i in kept]
             s = summarize(scores)
             row["glue"], row["glue_std"], row["glue_seeds"] = s["mean"], s["std"], scores
-        row["val_loss_curve"] = [[r["iter"], r["val_loss"]] for r in logs[0]]
+        row["val_loss_curve"] = [[r["iter"], r["val_loss"]] for r in logs[0]] if logs else []
         rows.append(row)
     return rows
 

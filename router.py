@@ -48,22 +48,27 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
-def _choose(probs: torch.Tensor, k: int, bias: torch.Tensor | None):
-    """The top k of probs (+ bias) -> (their unbiased probs, indices), each (N, k). The bias only
-    steers the choice: the gates come from the probabilities alone (DeepSeek-V3)."""
-    if bias is None:
-        return probs.topk(k, dim=-1)
-    expert_idx = (probs + bias).topk(k, dim=-1).indices
-    return probs.gather(-1, expert_idx), expert_idx
+def _choose(probs: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Indices (N, k) of the top k of probs (+ bias). The bias only steers the choice: the
+    gates come from the router's scores alone (DeepSeek-V3)."""
+    return (probs if bias is None else probs + bias).topk(k, dim=-1).indices
+
+
+def _renormalized(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The chosen experts' probabilities renormalized to sum to 1: a softmax over their logits
+    (log space: when a bias overrules the router, every chosen probability may underflow to 0,
+    and p / sum(p) would be 0 / 0)."""
+    return logits.gather(-1, idx).softmax(-1)
 
 
 def topk_route(logits: torch.Tensor, k: int, balance_coef: float = 0.01,
                z_coef: float = 0.001, bias: torch.Tensor | None = None) -> Routing:
     """Softmax over E experts, keep the top k (of probs + bias, if given), renormalize their
     gates."""
-    probs = logits.float().softmax(-1)                         # (N, E)
-    top_probs, expert_idx = _choose(probs, k, bias)            # (N, k)
-    gates = top_probs / top_probs.sum(-1, keepdim=True)
+    logits = logits.float()
+    probs = logits.softmax(-1)                                 # (N, E)
+    expert_idx = _choose(probs, k, bias)                       # (N, k)
+    gates = _renormalized(logits, expert_idx)
     aux = balance_coef * load_balance_loss(probs, expert_idx) + z_coef * z_loss(logits)
     return Routing(expert_idx, gates, aux, count(expert_idx, logits.shape[-1]))
 
@@ -78,22 +83,24 @@ def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor
     renormalized to sum to 1, so the layer's output scale matches a top-k MoE (and does not
     jump when a trained top-k layer is first clustered). The cluster router still needs a
     gradient from the LM loss: gates are multiplied by p_g / p_g.detach(), which is 1 in
-    value and passes d(loss)/d(gate) on to the chosen cluster's probability (straight-through).
-    Biases (G,) and (E,), if given, steer both choices and leave every gate as it was.
+    value and passes d(loss)/d(gate) on to the chosen cluster's probability (straight-through;
+    as exp(log p_g - log p_g.detach()), which stays 1 when a bias picks a cluster whose p_g
+    underflows). Biases (G,) and (E,), if given, steer both choices and leave every gate as it was.
     """
     n_tokens, n_clusters = cluster_logits.shape
     n_experts = expert_logits.shape[-1]
     m = n_experts // n_clusters
-    cluster_probs = cluster_logits.float().softmax(-1)                    # (N, G)
-    cluster_p, cluster_idx = _choose(cluster_probs, 1, cluster_bias)
-    cluster_p, cluster_idx = cluster_p.squeeze(-1), cluster_idx.squeeze(-1)  # (N,)
+    cluster_logp = cluster_logits.float().log_softmax(-1)                 # (N, G)
+    cluster_probs = cluster_logp.exp()
+    cluster_idx = _choose(cluster_probs, 1, cluster_bias).squeeze(-1)     # (N,)
     within_logits = expert_logits.float().view(n_tokens, n_clusters, m)
     within_logits = within_logits.gather(1, cluster_idx.view(-1, 1, 1).expand(-1, 1, m))
     within_probs = within_logits.squeeze(1).softmax(-1)                   # (N, m)
     within_bias = None if expert_bias is None else expert_bias.view(n_clusters, m)[cluster_idx]
-    top_probs, local_idx = _choose(within_probs, k, within_bias)          # (N, k)
-    gates = top_probs / top_probs.sum(-1, keepdim=True)
-    gates = gates * (cluster_p / cluster_p.detach()).unsqueeze(-1)
+    local_idx = _choose(within_probs, k, within_bias)                     # (N, k)
+    gates = _renormalized(within_logits.squeeze(1), local_idx)
+    logp = cluster_logp.gather(-1, cluster_idx.unsqueeze(-1))             # (N, 1)
+    gates = gates * (logp - logp.detach()).exp()
     expert_idx = cluster_idx.unsqueeze(-1) * m + local_idx                # (N, k) global
 
     cluster_counts = count(cluster_idx, n_clusters)

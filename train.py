@@ -469,6 +469,8 @@ def train(cfg: TrainConfig) -> dict:
         if (it + 1) % cfg.log_interval == 0 or eval_now:
             train_loss = (interval.loss_sum / interval.steps).item()
             if not math.isfinite(train_loss):
+                if master:  # a result, not a crash: grids record the run as diverged
+                    (out_dir / "diverged.json").write_text(json.dumps({"iter": it, "loss": str(train_loss)}))
                 raise FloatingPointError(f"non-finite loss {train_loss} at iteration {it}; "
                                          f"the last good checkpoint in {out_dir} is kept")
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}")

@@ -54,3 +54,20 @@ def test_a_run_cut_short_resumes_from_its_checkpoint(tmp_path):
     assert [r["iter"] for r in read_log(cut)] == [2, 4]
     a, b = (torch.load(f"{tc.out_dir}/ckpt.pt", weights_only=True) for tc in (whole, cut))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_diverged_run_is_a_result_not_a_failure(tmp_path, parallel):
+    from bench_quality import run_variants
+    base = TrainConfig(**{**TINY, "max_iters": 6, "eval_interval": 3, "log_interval": 1, "lr_warmup": 1},
+                       data_dir=str(tmp_path / "data"))
+    rows = run_variants(base, {"calm": {}, "wild": {"lr": 1e4, "min_lr": 1e3}}, 2, tmp_path / "g",
+                        parallel, speed=False)
+    calm, wild = rows
+    assert "diverged" not in calm and len(calm["val_ppl_seeds"]) == 2
+    assert len(wild["diverged"]) == 2 and wild["val_ppl"] == float("inf")
+    assert all("at iteration" in d for d in wild["diverged"])
+    # a second pass finds every run finished, the diverged ones included
+    again = run_variants(base, {"calm": {}, "wild": {"lr": 1e4, "min_lr": 1e3}}, 2, tmp_path / "g",
+                         parallel, speed=False)
+    assert again[1]["diverged"] == wild["diverged"]

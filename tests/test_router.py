@@ -189,3 +189,20 @@ def test_planted_imbalance_inside_clusters_is_removed_at_both_stages():
         layer.balance_step()
     assert cluster_cvs[0] > 0.5 and sum(cluster_cvs[-50:]) / 50 < 0.1, cluster_cvs[::40]
     assert cvs[0] > 0.5 and sum(cvs[-50:]) / 50 < 0.1, cvs[::40]
+
+
+def test_a_bias_that_overrules_the_router_leaves_gates_finite():
+    # The router puts cluster 1 and experts 5, 6 some 100 logits below the rest, so their
+    # probabilities underflow to 0 in float32; the biases pick them anyway.
+    cl = torch.tensor([[60.0, -60.0]], requires_grad=True)
+    el = torch.tensor([[0.0, 0.0, 0.0, 0.0, 50.0, -60.0, -70.0, 0.0]], requires_grad=True)
+    r = hierarchical_route(cl, el, k=2, cluster_bias=torch.tensor([0.0, 1.5]),
+                           expert_bias=torch.tensor([0.0, 0, 0, 0, 0, 1.5, 1.5, 0]))
+    assert r.cluster_idx.tolist() == [1] and r.expert_idx.tolist() == [[5, 6]]
+    want = torch.softmax(torch.tensor([-60.0, -70.0]), -1)      # the chosen pair, renormalized
+    torch.testing.assert_close(r.gates[0], want)
+    (r.gates * torch.tensor([[1.0, 2.0]])).sum().backward()
+    assert torch.isfinite(cl.grad).all() and torch.isfinite(el.grad).all()
+    flat = topk_route(torch.tensor([[80.0, -40.0, -50.0, 0.0]]), 2, bias=torch.tensor([0.0, 2.0, 2.0, 0.0]))
+    assert flat.expert_idx.tolist() == [[1, 2]] and torch.isfinite(flat.gates).all()
+    torch.testing.assert_close(flat.gates[0], torch.softmax(torch.tensor([-40.0, -50.0]), -1))
