@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-import bench_decode
 import data
-from bench_layers import (bench_layers, build_model, free_memory, peak_mib, profile_layers, timed,
+from benchmarks import decode as bench_decode
+from benchmarks.layers import (bench_layers, build_model, free_memory, peak_mib, profile_layers, timed,
                           train_speed)
-from bench_quality import (GRIDS, beyond_noise, lr_sweep, read_log, routing_stats, run_grid,
+from benchmarks.quality import (GRIDS, beyond_noise, lr_sweep, read_log, routing_stats, run_grid,
                            run_variants, summarize)
 from cli import load_model, parse_config
 from offload import ClusterOffloader
@@ -119,7 +119,7 @@ def _model_config(cfg: BenchConfig, moe: str, big: bool = False) -> TrainConfig:
 
 MODEL_VARIANTS = (("dense", {"moe": "dense"}), ("topk", {"moe": "topk"}),
                   ("clustered", {"moe": "clustered"}),
-                  ("clustered, fused", {"moe": "clustered", "moe_impl": "fused"}))
+                  ("clustered, triton", {"moe": "clustered", "moe_impl": "triton"}))
 
 
 MODES = {"eager": {}, "compiled": {"compile": True}, "graphed": {"compile": True, "cuda_graph": True},
@@ -141,7 +141,7 @@ def bench_models(cfg: BenchConfig, device) -> list[dict]:
     for block in blocks:
         block_rows = []
         for name, overrides in MODEL_VARIANTS:
-            if overrides.get("moe_impl") == "fused" and device.type != "cuda":
+            if overrides.get("moe_impl") == "triton" and device.type != "cuda":
                 continue  # the Triton combine is CUDA-only; CPU would time the reference twice
             tc = _model_config(cfg, overrides["moe"])
             tc.moe_impl = overrides.get("moe_impl", tc.moe_impl)

@@ -99,7 +99,7 @@ def parse_similarity(similarity: str) -> tuple[str, str]:
     return param, act
 
 
-def fused_similarity(w1, w2, input_mean, router_weight, probe=None, groups=None,
+def expert_similarity(w1, w2, input_mean, router_weight, probe=None, groups=None,
                      alpha: float = 0.7, similarity: str = DEFAULT_SIMILARITY) -> torch.Tensor:
     """Expert weights (E,d,h), (E,h,d), input means (E,d), router rows (E,d), probe (n,d) or
     None, clusters (E,) or None -> (E, E). With no probe rows, outputs falls back to weights
@@ -243,7 +243,7 @@ def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAUL
     first = not layer.has_clusters
     w1, w2 = (w.detach() for w in layer.bank.weights())
     probe = layer.probe[:min(int(layer.probe_seen), layer.probe.shape[0])]
-    sim = fused_similarity(w1, w2, layer.input_mean, layer.router.weight, probe,
+    sim = expert_similarity(w1, w2, layer.input_mean, layer.router.weight, probe,
                            None if first else current, alpha, similarity).cpu()
     assignment = balanced_kmeans(sim, n_clusters, None if first else current, seed, restarts=restarts)
     if random_groups and first:  # the 'no online clustering' ablation: equal groups by chance

@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import materialize
-from fused import combine_available, combine_reference, gelu_combine
 from quant import Int4Store, Int4Tensor, quantize_int4
 from router import Routing
 
@@ -46,7 +45,7 @@ def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> tor
     return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
 
 
-def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """grouped_mm_loop's result from one torch._grouped_mm kernel. It has no autocast rule,
     so operands are cast to the autocast dtype here."""
     if torch.is_autocast_enabled(x.device.type):
@@ -64,7 +63,7 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> to
     return torch._grouped_mm(x, w, offs=offs)
 
 
-MATMULS = {"grouped": grouped_mm_fused, "loop": grouped_mm_loop}
+MATMULS = {"grouped": grouped_mm, "loop": grouped_mm_loop}
 
 
 def resolve_matmul(impl: str, device):
@@ -76,10 +75,23 @@ def resolve_matmul(impl: str, device):
     return MATMULS[impl]
 
 
+def combine_reference(pre: torch.Tensor, u: torch.Tensor, gates: torch.Tensor):
+    """The clustered bank's elementwise middle: pre (N, k, h), u (N, h), gates (N, k) ->
+    a = gelu(pre + u) (N, k, h) and z = sum over k of gates * a (N, h)."""
+    a = gelu(pre + u.unsqueeze(1))
+    z = (a * gates.to(a.dtype).unsqueeze(-1)).sum(1)
+    return a, z
+
+
 def resolve_combine(impl: str, device):
-    """`moe_impl` -> the clustered bank's "add base, GELU, gate, sum over k" step: the Triton
-    op fused.gelu_combine for 'fused' on CUDA with Triton, else the plain PyTorch reference."""
-    return gelu_combine if impl == "fused" and combine_available(device) else combine_reference
+    """`moe_impl` -> the clustered bank's "add base, GELU, gate, sum over k" step: for
+    'triton' on CUDA with Triton, fast.triton_combine's fused op (loaded only then), else the
+    plain PyTorch combine_reference above."""
+    if impl == "triton":
+        from fast.triton_combine import combine_available, gelu_combine
+        if combine_available(device):
+            return gelu_combine
+    return combine_reference
 
 
 class _PermuteRows(torch.autograd.Function):

@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import clustered_expert_params
-from decode import GraphedStep
 from experts import MATMULS, ClusteredBank, ExpertBank, gelu, resolve_combine, resolve_matmul
 from router import Routing, bias_update, hierarchical_route, topk_route
 
@@ -47,8 +46,8 @@ class GPTConfig:
     aux_loss_coef: float = 0.01   # the Switch balance loss's weight (also usable beside bias)
     z_loss_coef: float = 0.001
     capacity_factor: float = 0.0  # 0 = dropless; else each expert takes at most cf*N*k/E slots
-    moe_impl: str = "auto"        # auto (grouped on sm90+ CUDA, else loop) | grouped | loop | fused
-                                  # (fused: auto's matmuls + fused.py's Triton combine, CUDA)
+    moe_impl: str = "auto"        # auto (grouped on sm90+ CUDA, else loop) | grouped | loop | triton
+                                  # (triton: auto's matmuls + fast/triton_combine.py's kernel, CUDA)
     # The paper's ablations (moe=clustered): False drops one part of the method.
     compress: bool = True         # shared base + rank-r residuals; False: full separate experts
     hierarchical: bool = True     # token -> cluster -> experts; False: flat top-k over all E
@@ -61,8 +60,8 @@ class GPTConfig:
         """Raise ValueError naming the field and the rule for any inconsistent setting."""
         rules = [
             (self.moe in MOE_KINDS, f"moe must be one of {MOE_KINDS}, got {self.moe!r}"),
-            (self.moe_impl in ("auto", "fused", *MATMULS),
-             f"moe_impl must be auto|fused|{'|'.join(MATMULS)}, got {self.moe_impl!r}"),
+            (self.moe_impl in ("auto", "triton", *MATMULS),
+             f"moe_impl must be auto|triton|{'|'.join(MATMULS)}, got {self.moe_impl!r}"),
             (self.n_embd % self.n_head == 0,
              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
             (min(self.n_layer, self.n_head, self.n_embd, self.block_size, self.ffn_hidden) > 0,
@@ -94,44 +93,6 @@ class GPTConfig:
         return self
 
 
-class KVCache:
-    """Every layer's keys and values for the tokens generated so far (GPT.generate).
-
-    Buffers (n_layer, B, n_head, block_size, head_dim) are allocated at the first write, in
-    the dtype attention produces, and written in place: a decode step stores one position
-    instead of concatenating the history. `length` counts cached positions; GPT.hidden_states
-    advances it once every layer has written.
-
-    Static mode (decode.py's CUDA graph): with `positions` set, a device tensor (T,) of the
-    step's positions, keys are written there and attention spans the whole buffer under a
-    mask, so every step has the same shapes and no host-side value enters the kernels.
-    """
-
-    def __init__(self, n_layer: int, block_size: int):
-        self.n_layer, self.block_size = n_layer, block_size
-        self.k = self.v = None
-        self.length = 0
-        self.positions = None
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H, T, hd) after the cached positions -> this layer's keys and values
-        so far, (B, H, length + T, hd) each."""
-        if self.k is None:
-            B, H, _, hd = k.shape
-            # Zeros, not empty: static mode reads the whole buffer, and a masked NaN still
-            # poisons softmax @ V.
-            self.k = k.new_zeros(self.n_layer, B, H, self.block_size, hd)
-            self.v = v.new_zeros(self.n_layer, B, H, self.block_size, hd)
-        if self.positions is not None:
-            self.k[layer].index_copy_(2, self.positions, k)
-            self.v[layer].index_copy_(2, self.positions, v)
-            return self.k[layer], self.v[layer]
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -139,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache=None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -205,7 +166,7 @@ class MoE(nn.Module):
     def _resolve_impl(self):
         """moe_impl -> the functions the bank calls, once per build or move, not per forward."""
         impl, device = self.cfg.moe_impl, self.router.weight.device
-        self.bank.matmul = resolve_matmul("auto" if impl == "fused" else impl, device)
+        self.bank.matmul = resolve_matmul("auto" if impl == "triton" else impl, device)
         if isinstance(self.bank, ClusteredBank):
             self.bank.combine = resolve_combine(impl, device)
 
@@ -360,7 +321,7 @@ class Block(nn.Module):
         else:
             self.ffn = MoE(cfg)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache=None, layer: int = 0):
         offload = getattr(self.ffn, "offload", None)
         if offload is not None and offload.predict_at == "block":
             offload.anticipate(self.ffn.offload_index, self.ln2(x))  # copies overlap attention
@@ -384,7 +345,7 @@ class GPT(nn.Module):
         """Every block's MoE layer (a model.MoE, or ep.ExpertParallelMoE once parallelized)."""
         return [b.ffn for b in self.blocks if not isinstance(b.ffn, MLP)]
 
-    def hidden_states(self, idx, cache: KVCache | None = None):
+    def hidden_states(self, idx, cache=None):
         """idx (B, T) -> final-norm hidden states (B, T, C) and the summed MoE aux loss.
         With a cache, idx continues the cached tokens: positions start at cache.length."""
         B, T = idx.shape
@@ -402,7 +363,7 @@ class GPT(nn.Module):
             cache.length += T
         return self.ln_f(x), aux
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
+    def forward(self, idx, targets=None, cache=None):
         """-> (logits, lm_loss or None, aux_loss). Train on lm_loss + aux_loss."""
         x, aux = self.hidden_states(idx, cache)
         if targets is None:
@@ -448,50 +409,3 @@ class GPT(nn.Module):
         cfg = self.cfg
         matmul_params = self.param_counts()["active_params"] - self.wpe.weight.numel()
         return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True,
-                 cuda_graph: bool = False):
-        """idx (B, T) -> (B, T + max_new_tokens). temperature 0 is greedy (argmax).
-
-        use_cache: run the prompt once (prefill), then feed one token per step against a
-        KVCache. Without it every step re-runs the last block_size tokens: the slow reference
-        the cached path is tested against.
-        cuda_graph: replay the cached decode step from a CUDA graph (decode.py; needs CUDA and
-        no offload, else ValueError).
-        """
-        block = self.cfg.block_size
-        cache = KVCache(self.cfg.n_layer, block) if use_cache else None
-        if cuda_graph:
-            step_fn = GraphedStep(self)
-        else:
-            step_fn = lambda token, kv: self(token, cache=kv)[0]  # noqa: E731
-        for step in range(max_new_tokens):
-            if cache is None:
-                logits, _, _ = self(idx[:, -block:])
-            elif step > 0 and cache.length < block:
-                logits = step_fn(idx[:, -1:], cache)
-            else:
-                # Prefill; or the cache is full. Positions are learned and absolute, so sliding
-                # the window by one token moves every token to a new position and stales every
-                # cached key: re-prefill the last block_size tokens, which is exactly what the
-                # reference computes. Past block_size each step therefore costs a prefill.
-                cache.length = 0
-                logits, _, _ = self(idx[:, -block:], cache=cache)
-            idx = torch.cat([idx, sample_next(logits[:, -1], temperature, top_k, generator)], dim=1)
-        return idx
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Last-position logits (B, V) -> next tokens (B, 1): argmax when temperature <= 0, else
-    a draw from softmax(logits / temperature), restricted to the top_k most likely tokens."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

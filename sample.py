@@ -4,7 +4,7 @@ Owns: SampleConfig and the prompt -> tokens -> generate -> text loop, with two i
 options for a clustered checkpoint: `--int4` (FP16 bases, INT4 residual factors) and
 `--offload_budget=N` (expert weights stay in CPU memory; at most N (layer, cluster) entries
 live on the device). On CUDA the decode step replays from a CUDA graph where it can
-(decode.py; not with offload). Prints tokens/s and, with offload, the cache's counters.
+(fast/decode_graph.py; not with offload). Prints tokens/s and, with offload, the cache's counters.
 Nothing else: the KV cache is model.py's, quantization quant.py's, the cluster cache and
 its next-layer predictor offload.py's.
 """
@@ -17,7 +17,7 @@ import torch
 
 import data
 from cli import load_model, parse_config, resolve_device
-from decode import graph_unsupported
+from generate import generate
 from offload import PREDICT_AT, ClusterOffloader
 from quant import quantize_model
 
@@ -38,7 +38,7 @@ class SampleConfig:
     offload_budget: int = 0      # clustered checkpoints: cluster entries on the device; 0 = off
     predict_at: str = "block"    # offload: where the next layer's clusters are guessed (offload.PREDICT_AT)
     cuda_graph: bool = True      # replay the decode step from a CUDA graph where one can run
-                                 # (CUDA, KV cache, no offload: decode.py); else eager
+                                 # (CUDA, KV cache, no offload: fast/decode_graph.py); else eager
 
     def validate(self):
         rules = [
@@ -108,13 +108,16 @@ def main(cfg: SampleConfig) -> dict:
     enc = data.get_encoding()
     prompt = torch.tensor([enc.encode(cfg.prompt, allowed_special="all")], device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    graph = cfg.cuda_graph and cfg.use_cache and graph_unsupported(model) is None
+    graph = None  # the graphed decode step, where one can run (fast/decode_graph.py)
+    if cfg.cuda_graph and cfg.use_cache and device.startswith("cuda"):
+        from fast.decode_graph import GraphedDecodeStep, graph_unsupported
+        graph = GraphedDecodeStep if graph_unsupported(model) is None else None
     texts, seconds = [], 0.0
     for _ in range(cfg.num_samples):
         start = time.perf_counter()
         with autocast:
-            out = model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                                 generator, use_cache=cfg.use_cache, cuda_graph=graph)
+            out = generate(model, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                           generator, use_cache=cfg.use_cache, step=graph and graph(model))
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start

@@ -68,7 +68,7 @@ class TrainConfig(GPTConfig):
     compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (its own CUDA
                                    # graphs of forward and backward) | max-autotune
     cuda_graph: bool = False       # replay the whole train step (forward, backward, AdamW) from
-                                   # one CUDA graph (graph_step.py); captured again after reclusters
+                                   # one CUDA graph (fast/train_graph.py); captured again after reclusters
     expert_parallel: int = 1       # ranks that split each MoE layer's experts (torchrun; 1 = off)
     # clustering schedule (moe=clustered); the paper's settings
     warmup_iters: int = 200        # train as top-k MoE this long (burn-in), then cluster + compress
@@ -305,7 +305,7 @@ def make_strategy(cfg: TrainConfig) -> OneProcess:
         torch.cuda.set_device(device)
     dtype = resolve_device("cpu" if device == "cpu" else "cuda", cfg.dtype)[1]
     if cfg.expert_parallel > 1:
-        from ep_state import ExpertParallel   # machinery, loaded only when asked for
+        from parallel.ep_state import ExpertParallel  # machinery, loaded only when asked for
         return ExpertParallel(device, dtype, cfg.expert_parallel)
     return DataParallel(device, dtype)
 
@@ -432,8 +432,8 @@ def train(cfg: TrainConfig) -> dict:
     def step(batches):  # the current runner and optimizer: a recluster may replace them
         train_step(runner, model, optimizer, batches, cfg, autocast, strategy, interval)
     if cfg.cuda_graph:
-        from graph_step import GraphedStep    # machinery, loaded only when asked for
-        step = GraphedStep(step, model)
+        from fast.train_graph import GraphedTrainStep  # machinery, loaded only when asked for
+        step = GraphedTrainStep(step, model)
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
     for it in bar:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import bench
-import bench_quality
+from benchmarks import quality as bench_quality
 
 
 def test_smoke_runs_every_section(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cluster import (align_gauge, balanced_kmeans, carry_optimizer_state, carry_rows,
-                     cosine_matrix, flat_weights, fused_similarity, recluster, specific_weights)
+                     cosine_matrix, flat_weights, expert_similarity, recluster, specific_weights)
 from compress import factorize
 from model import MoE, GPTConfig, init_weights
 
@@ -36,16 +36,16 @@ def test_stable_when_nothing_changed():
 
 
 @pytest.mark.parametrize("similarity", ["weights+routed", "specific+centroids", "outputs+scores"])
-def test_fused_similarity_weights_the_two_views(similarity):
+def test_expert_similarity_weights_the_two_views(similarity):
     torch.manual_seed(2)
     w1, w2 = torch.randn(4, 3, 5), torch.randn(4, 5, 3)
     means, router, probe = torch.randn(4, 3), torch.randn(4, 3), torch.randn(6, 3)
     groups = torch.tensor([0, 0, 1, 1])
-    sim = lambda alpha: fused_similarity(w1, w2, means, router, probe, groups, alpha, similarity)
+    sim = lambda alpha: expert_similarity(w1, w2, means, router, probe, groups, alpha, similarity)
     torch.testing.assert_close(sim(0.25), 0.25 * sim(1.0) + 0.75 * sim(0.0))
     torch.testing.assert_close(sim(1.0).diagonal(), torch.ones(4))
     with pytest.raises(ValueError, match="PARAM\\+ACT"):
-        fused_similarity(w1, w2, means, router, similarity="weights")
+        expert_similarity(w1, w2, means, router, similarity="weights")
 
 
 def test_specific_view_is_blind_to_how_far_apart_the_bases_are():

@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 import pytest
 
 from cluster import recluster
-from ep import ExpertParallelMoE, gather_state
+from parallel.ep import ExpertParallelMoE, gather_state
 from model import GPTConfig, MoE, init_weights
 
 D, H, E, G, K = 16, 24, 8, 4, 2
@@ -136,7 +136,7 @@ def _recluster_check(rank, world):
     layer and of one full layer: same state, same optimizer moments, same outputs."""
     from types import SimpleNamespace
     from cluster import carry_optimizer_state
-    from ep_state import _gather_rows, recluster_layer
+    from parallel.ep_state import _gather_rows, recluster_layer
     torch.manual_seed(0)
     cfg = GPTConfig(moe="clustered", n_embd=D, ffn_hidden=H, n_experts=E, top_k=K, n_clusters=G,
                     rank=4, moe_impl="loop")

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import ep
+from parallel import ep
 from cli import load_model
 from model import GPT, GPTConfig
 from train import DataParallel, TrainConfig, build_optimizer, parse_config

@@ -313,7 +313,7 @@ def test_grid_glue_scores_run_as_subprocesses_and_resume(ckpts, tmp_path):
     """bench_quality.glue_scores: eval_glue.py per run (fine-tuning seed = training seed), the
     task score read back from its glue.jsonl; a run already scored is not fine-tuned again."""
     import shutil
-    from bench_quality import glue_scores
+    from benchmarks.quality import glue_scores
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(ckpts["clustered"], run / "ckpt.pt")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from experts import (ClusteredBank, ExpertBank, gelu, grouped_available, grouped_mm_fused,
+from experts import (ClusteredBank, ExpertBank, gelu, grouped_available, grouped_mm,
                      grouped_mm_loop, resolve_matmul)
 from router import hierarchical_route, topk_route
 
@@ -24,13 +24,13 @@ def test_grouped_mm_loop_matches_per_group_matmul():
     torch.testing.assert_close(y, torch.cat([x[:3] @ w[0], x[3:] @ w[2]]))
     if hasattr(torch, "_grouped_mm"):  # the fused op's CPU forward, where this torch has it
         try:
-            fused = grouped_mm_fused(x, w, offs)
+            fused = grouped_mm(x, w, offs)
         except RuntimeError:
             pytest.skip("torch._grouped_mm has no CPU kernel in this torch")
         torch.testing.assert_close(fused, y)
 
 
-def test_grouped_mm_fused_pads_unaligned_widths_exactly():
+def test_grouped_mm_pads_unaligned_widths_exactly():
     """Widths the kernel cannot take (12 and 4 bf16 values) are zero-padded, not looped over:
     the loop reads group sizes on the host, which a CUDA graph cannot capture."""
     if not hasattr(torch, "_grouped_mm"):
@@ -40,7 +40,7 @@ def test_grouped_mm_fused_pads_unaligned_widths_exactly():
     w = torch.randn(3, 12, 4, dtype=torch.bfloat16, requires_grad=True)
     offs = torch.tensor([3, 3, 10], dtype=torch.int32)
     try:
-        fused = grouped_mm_fused(x, w, offs)
+        fused = grouped_mm(x, w, offs)
     except RuntimeError:
         pytest.skip("torch._grouped_mm has no CPU kernel in this torch")
     assert fused.shape == (10, 4)
@@ -64,7 +64,7 @@ def _expert_bank(n_experts, d, h, std, capacity_factor=0.0):
 
 def test_resolve_matmul_picks_one_function_per_impl():
     assert resolve_matmul("loop", "cpu") is grouped_mm_loop
-    assert resolve_matmul("grouped", "cpu") is grouped_mm_fused
+    assert resolve_matmul("grouped", "cpu") is grouped_mm
     assert resolve_matmul("auto", "cpu") is grouped_mm_loop  # no sm90 kernel on CPU
     with pytest.raises(ValueError, match="moe_impl"):
         resolve_matmul("triton", "cpu")

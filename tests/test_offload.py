@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cluster import recluster_model
+from generate import generate
 from model import GPT, GPTConfig
 from offload import ClusterOffloader
 from quant import quantize_model
@@ -108,7 +109,7 @@ def test_ffn_input_guesses_and_counters_are_exact_on_scripted_routing(entries, h
     entry = cache.entry_bytes((0, 0))
     cache.budget = entries * entry
     prompt = torch.tensor([[3, 5]])
-    model.generate(prompt, 3, temperature=0)   # forwards of 2, 1 and 1 tokens
+    generate(model, prompt, 3, temperature=0)   # forwards of 2, 1 and 1 tokens
     stats = cache.stats
     assert (stats["hits"], stats["misses"]) == (hits, misses)
     assert (stats["prefetches"], stats["evictions"]) == (prefetches, evictions)
@@ -130,7 +131,7 @@ def test_block_input_guesses_are_scored_and_counted_exactly(entries, prefetches,
     cache = ClusterOffloader(model, 0, "cpu", predict_at="block")
     entry = cache.entry_bytes((0, 0))
     cache.budget = entries * entry
-    model.generate(torch.tensor([[3, 5]]), 3, temperature=0)
+    generate(model, torch.tensor([[3, 5]]), 3, temperature=0)
     stats = cache.stats
     assert (stats["hits"], stats["misses"], stats["stalls"]) == (9, 0, 0)
     assert (stats["prefetches"], stats["evictions"]) == (prefetches, evictions)

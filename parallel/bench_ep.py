@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import ep
-from bench_layers import build_model
+from benchmarks.layers import build_model
+from parallel import ep
 from cli import parse_config
 from train import PRESETS, TrainConfig
 

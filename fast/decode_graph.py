@@ -1,17 +1,17 @@
-"""Decoding without the host in the loop: GPT.generate's decode step as a CUDA graph.
+"""Decoding without the host in the loop: generate.generate's decode step as a CUDA graph.
 
-Owns: `GraphedStep`, the step that feeds one new token per sequence against the KV cache,
+Owns: `GraphedDecodeStep`, the step that feeds one new token per sequence against the KV cache,
 recorded once as a CUDA graph and replayed for every later token; `graph_unsupported`, why a
 model cannot use it. Why it exists: at batch 1 a small model's decode step is a few hundred
 tiny kernels, and eager PyTorch spends longer launching them than the GPU spends running them,
 so a KV cache alone barely beats re-running the whole context (bench.py --sections=decode
 shows both). A replay launches the whole step at once.
-What a graph needs: CUDA; the same shapes every step (model.KVCache's static mode: keys written
+What a graph needs: CUDA; the same shapes every step (generate.KVCache's static mode: keys written
 at a device-side position, attention over the whole buffer under a mask); no host sync and no
 host-side decision inside the step. So not with offload (offload.py decides on the host which
 cluster to copy) and not with the loop fallback of the grouped matmul (it reads group sizes on
 the host): those decode eagerly.
-Does not own: the cache or the model (model.py), sampling (model.sample_next, outside the graph).
+Does not own: the cache or the model (generate.py, model.py), sampling (generate.sample_next, outside the graph).
 """
 import torch
 
@@ -31,7 +31,7 @@ def graph_unsupported(model) -> str | None:
     return None
 
 
-class GraphedStep:
+class GraphedDecodeStep:
     """step(token (B, 1), cache) -> logits (B, 1, V), as model(token, cache=cache) computes
     them, from a graph captured at the first call. The cache's buffers must exist (the prefill
     allocates them) and keep their batch size; the returned logits are overwritten by the next

@@ -9,7 +9,7 @@ one warm-up run. Rows, for one size (train.py's default, or the paper's with --p
   clustered+int4+offload NN%                      expert weights in CPU memory, a budget
                                                   of NN% of the n_layer * n_clusters entries
   dense, ..., clustered+int4, graph               CUDA only: the cached decode step replayed
-                                                  from a CUDA graph (decode.py)
+                                                  from a CUDA graph (fast/decode_graph.py)
 Columns (offload rows only for hit_rate onwards):
   decode_tokens_per_sec, vs_no_cache (over the uncached dense row), vs_resident (offload rows,
   over the eager resident clustered+int4 row), peak_mib (NaN on CPU), peak_vs_dense (over
@@ -33,8 +33,10 @@ import sys
 import torch
 
 import data
-from bench_layers import build_model, free_memory, peak_mib, timed
+from benchmarks.layers import build_model, free_memory, peak_mib, timed
 from cli import load_model
+from fast.decode_graph import GraphedDecodeStep
+from generate import generate
 from offload import PREDICT_AT, ClusterOffloader
 from quant import quantize_model
 from train import PRESETS, TrainConfig
@@ -101,8 +103,9 @@ def _decode(model, prompt, new: int, device, repeats: int, use_cache=True, cache
     emptied cache and a second warm-up; then the timed decode runs."""
     def run():
         generator = torch.Generator(device).manual_seed(0)
-        model.generate(prompt, new, temperature=1.0, generator=generator, use_cache=use_cache,
-                       cuda_graph=graph)
+        step = GraphedDecodeStep(model) if graph else None
+        generate(model, prompt, new, temperature=1.0, generator=generator, use_cache=use_cache,
+                 step=step)
     with torch.no_grad():
         run()
         row = {}
@@ -123,7 +126,7 @@ def _decode(model, prompt, new: int, device, repeats: int, use_cache=True, cache
 
 def _variants(device) -> list[tuple]:
     """(row name, moe, int4, offload fraction or None, KV cache, CUDA graph). Eager rows come
-    first; with CUDA the resident models decode again from a CUDA graph (decode.py). Offload
+    first; with CUDA the resident models decode again from a CUDA graph (fast/decode_graph.py). Offload
     cannot be graphed, so its rows compare with the eager resident INT4 row."""
     rows = [("dense (no KV cache)", "dense", False, None, False, False)]
     rows += [(name, moe, "int4" in name, None, True, False) for name, moe in (

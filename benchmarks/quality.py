@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 import data
-from bench_layers import train_speed
+from benchmarks.layers import train_speed
 from cli import load_model
 from model import GPT
 from train import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, eval_glue.py
 
 
 def read_log(tc: TrainConfig) -> list[dict]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from graph_step import GraphedStep
+from fast.train_graph import GraphedTrainStep
 from train import TrainConfig, parse_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -58,7 +58,7 @@ def test_captures_once_per_reset_and_replays_new_batches():
             seen.append(loss.detach())
     model = torch.nn.Module()
     model.w = w
-    graphed = GraphedStep(step, model, warmup=1)
+    graphed = GraphedTrainStep(step, model, warmup=1)
     for i in range(4):
         x = torch.full((4,), float(i), device="cuda")
         graphed([(x, x)])

@@ -1,11 +1,11 @@
-"""fused.py: the reference against ClusteredBank's two original lines, the op's backward by
+"""fast/triton_combine.py: the reference against ClusteredBank's two original lines, the op's backward by
 gradcheck, its registration (opcheck, torch.compile); the Triton kernels against the reference
 on CUDA (skipped without CUDA and Triton)."""
 import pytest
 import torch
 
-from experts import ClusteredBank, gelu, resolve_combine
-from fused import combine_available, combine_reference, gelu_combine
+from experts import ClusteredBank, combine_reference, gelu, resolve_combine
+from fast.triton_combine import combine_available, gelu_combine
 from router import hierarchical_route
 
 CUDA = combine_available("cuda")
@@ -75,7 +75,7 @@ def test_op_registration_opcheck_and_compile_on_cpu():
 
 
 def test_resolve_combine_and_bank_wiring():
-    assert resolve_combine("fused", "cpu") is combine_reference
+    assert resolve_combine("triton", "cpu") is combine_reference
     assert resolve_combine("grouped", "cpu") is combine_reference
     torch.manual_seed(0)
     bank = ClusteredBank(3, 4, 8, 12, 2)
@@ -134,9 +134,9 @@ def test_clustered_bank_fused_matches_reference_on_cuda():
     x = torch.randn(512, 64, device="cuda")
     routing = hierarchical_route(torch.randn(512, 4, device="cuda"),
                                  torch.randn(512, 16, device="cuda"), 2)
-    assert resolve_combine("fused", "cuda") is gelu_combine
+    assert resolve_combine("triton", "cuda") is gelu_combine
     results = []
-    for impl in ("grouped", "fused"):
+    for impl in ("grouped", "triton"):
         bank.zero_grad()
         bank.combine = resolve_combine(impl, "cuda")
         with torch.autocast("cuda", torch.bfloat16):

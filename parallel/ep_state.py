@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-import ep
 from cluster import carry_optimizer_state, recluster
-from ep import ExpertParallelMoE, gather_state
+from parallel import ep
+from parallel.ep import ExpertParallelMoE, gather_state
 from model import MoE
 from train import DataParallel
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import bench
-from bench_decode import COLUMNS, bench_decode
+from benchmarks.decode import COLUMNS, bench_decode
 from cluster import recluster_model
-from decode import GraphedStep, graph_unsupported
-from model import GPT, GPTConfig, KVCache
+from fast.decode_graph import GraphedDecodeStep, graph_unsupported
+from generate import KVCache, generate
+from model import GPT, GPTConfig
 from offload import ClusterOffloader
 from quant import quantize_model
 from train import TrainConfig
@@ -32,7 +33,7 @@ def _model(moe, quantized=False, device="cpu"):
 
 def _generate(model, prompt, new, temperature, use_cache=True):
     generator = torch.Generator(prompt.device).manual_seed(1)
-    return model.generate(prompt, new, temperature, None, generator, use_cache=use_cache)
+    return generate(model, prompt, new, temperature, None, generator, use_cache=use_cache)
 
 
 @pytest.mark.parametrize("moe", ["dense", "topk", "clustered"])
@@ -95,7 +96,7 @@ def test_static_cache_step_equals_dynamic(moe):
         torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
     assert "CUDA" in graph_unsupported(model)
     with pytest.raises(ValueError, match="CUDA graph"):
-        model.generate(torch.zeros(1, 2, dtype=torch.long), 3, cuda_graph=True)
+        GraphedDecodeStep(model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -108,14 +109,14 @@ def test_cuda_graph_decode_equals_eager(moe, int4):
     if int4:
         quantize_model(model, base_dtype=torch.bfloat16)
     assert graph_unsupported(model) is None
-    graphed = _static_vs_dynamic_logits(model, GraphedStep(model), "cuda")
+    graphed = _static_vs_dynamic_logits(model, GraphedDecodeStep(model), "cuda")
     eager = _static_vs_dynamic_logits(model, _eager_static(model), "cuda")
     for (_, g), (_, e) in zip(graphed, eager):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     if moe == "dense":  # fp32 end to end: graph against the eager dynamic cache, greedy
         fp32, prompt = _model(moe, device="cuda"), torch.randint(0, 64, (1, 6), device="cuda")
-        assert torch.equal(fp32.generate(prompt, 20, 0.0, cuda_graph=True),
-                           fp32.generate(prompt, 20, 0.0))
+        assert torch.equal(generate(fp32, prompt, 20, 0.0, step=GraphedDecodeStep(fp32)),
+                           generate(fp32, prompt, 20, 0.0))
 
 
 @pytest.mark.parametrize("predict_at", ["ffn", "block"])

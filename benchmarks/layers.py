@@ -3,7 +3,7 @@
 Owns: `timed` (CUDA events, warm-up, median of repeats; perf_counter on CPU) and the
 helpers every bench section uses (`free_memory`, `peak_mib`, `build_model`), the layer
 variants at one setting (dense FFN, `MinimalTopK` as the yardstick, top-k and clustered MoE,
-grouped and loop paths, the clustered layer with fused.gelu_combine on CUDA), their
+grouped and loop paths, the clustered layer with fast/triton_combine.py on CUDA), their
 forward+backward timing, optionally torch.compile'd, and a torch.profiler table of the
 kernels that dominate each grouped layer.
 Also `train_speed`: one whole model's train step timed alone (bench.py's models section,
@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from cluster import recluster, recluster_model
 from experts import gelu, grouped_available, resolve_matmul
-from fused import combine_available
+from fast.triton_combine import combine_available
 from model import GPT, MLP, MoE, GPTConfig, init_weights
 
 
@@ -83,8 +83,8 @@ def train_speed(tc, device, repeats: int = 20, warmup: int = 5, peak: float | No
         train_step(runner, model, optimizer, batches, tc, autocast, strategy, interval)
     graphed = None
     if tc.cuda_graph and cuda:
-        from graph_step import GraphedStep
-        graphed = GraphedStep(eager, model)
+        from fast.train_graph import GraphedTrainStep
+        graphed = GraphedTrainStep(eager, model)
 
     def step():
         if graphed is not None:
@@ -176,7 +176,7 @@ def _layer_variants(cfg, device):
         for impl in impls:
             variants.append((f"{kind} MoE, {impl}", _moe_layer(gpt_cfg, kind, impl), impl))
     if grouped_available(device) and combine_available(device):
-        variants.append(("clustered MoE, fused", _moe_layer(gpt_cfg, "clustered", "fused"), "fused"))
+        variants.append(("clustered MoE, triton", _moe_layer(gpt_cfg, "clustered", "triton"), "triton"))
     return [(n, m.to(device), i) for n, m, i in variants]
 
 

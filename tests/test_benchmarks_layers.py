@@ -1,7 +1,7 @@
 """bench_layers.py: the minimal top-k yardstick computes what our top-k layer computes."""
 import torch
 
-from bench_layers import MinimalTopK
+from benchmarks.layers import MinimalTopK
 from model import GPTConfig, MoE, init_weights
 
 

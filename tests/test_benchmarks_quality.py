@@ -3,7 +3,7 @@ import statistics
 
 import pytest
 
-from bench_quality import beyond_noise, finished, read_log, run_grid, summarize
+from benchmarks.quality import beyond_noise, finished, read_log, run_grid, summarize
 from train import TrainConfig
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, ffn_hidden=16, n_experts=4, n_clusters=2, rank=2,
@@ -58,7 +58,7 @@ def test_a_run_cut_short_resumes_from_its_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_a_diverged_run_is_a_result_not_a_failure(tmp_path, parallel):
-    from bench_quality import run_variants
+    from benchmarks.quality import run_variants
     base = TrainConfig(**{**TINY, "max_iters": 6, "eval_interval": 3, "log_interval": 1, "lr_warmup": 1},
                        data_dir=str(tmp_path / "data"))
     rows = run_variants(base, {"calm": {}, "wild": {"lr": 1e4, "min_lr": 1e3}}, 2, tmp_path / "g",

@@ -18,8 +18,8 @@ Unfused, PyTorch writes and reads s, a, the gated copy and their gradients as se
 tensors; here one pass reads pre and u and writes a and z, and one pass back reads pre, u,
 grad_a, grad_z and writes grad_pre, grad_u, grad_gates (s and a are recomputed, not stored).
 
-Owns: `combine_reference` (the plain PyTorch math: the CPU path and the tests' reference),
-the Triton kernels and their launchers, and `gelu_combine`, the op `clustermoe::gelu_combine`
+Owns: the backward's plain PyTorch formulas (`combine_backward_reference`; the forward's
+are experts.combine_reference), the Triton kernels and their launchers, and `gelu_combine`, the op `clustermoe::gelu_combine`
 (torch.library.custom_op with a fake shape function and a registered backward, so
 torch.compile traces it as one node). On CPU, or without Triton, or for float64, the op runs
 `combine_reference` and `combine_backward_reference` instead of the kernels.
@@ -29,7 +29,8 @@ Pattern: torchtitan's fused SwiGLU (kernel -> launcher -> custom_op + fake + aut
 import math
 
 import torch
-import torch.nn.functional as F
+
+from experts import combine_reference
 
 try:
     import triton
@@ -39,13 +40,6 @@ except ImportError:  # CPU-only installs: the reference path runs instead
 
 GELU_SCALE = 2 * math.sqrt(2 / math.pi)  # gelu(s) = s * sigmoid(GELU_SCALE (s + 0.044715 s^3))
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def combine_reference(pre: torch.Tensor, u: torch.Tensor, gates: torch.Tensor):
-    """pre (N, k, h), u (N, h), gates (N, k) -> a (N, k, h), z (N, h); plain PyTorch."""
-    a = F.gelu(pre + u.unsqueeze(1), approximate="tanh")
-    z = (a * gates.to(a.dtype).unsqueeze(-1)).sum(1)
-    return a, z
 
 
 def combine_backward_reference(pre, u, gates, grad_a, grad_z):

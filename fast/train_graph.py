@@ -1,6 +1,6 @@
 """Training without the host in the loop: the whole train step replayed from one CUDA graph.
 
-Owns: `GraphedStep`, which wraps train.train_step (forward and backward of every
+Owns: `GraphedTrainStep`, which wraps train.train_step (forward and backward of every
 micro-batch, clipping, AdamW, the interval's loss and loads, the balancing biases) and, after
 a few eager warm-up steps, records it once as a CUDA graph; every later step copies its
 batches into the graph's input tensors and replays it. Why: a MoE step is hundreds of small
@@ -17,7 +17,7 @@ Does not own: the step itself (train.train_step) or when to recluster (train.py)
 import torch
 
 
-class GraphedStep:
+class GraphedTrainStep:
     """step(batches) as step_fn(batches) computes it for `model`: the first `warmup` calls
     after construction or reset() run eagerly on a side stream (as capture asks: lazy inits,
     compilation, cuBLAS workspaces), the next one captures, and that and every later call
