@@ -1,10 +1,12 @@
-"""Online expert clustering: expert similarity, balanced k-means, and reclustering a layer.
+"""Online expert clustering: which experts belong together, and carrying training through it.
 
-Owns: the expert similarities (parameter views and activation views, fused), a balanced
-k-means into G equal clusters (k-means++ seeding with a seed, warm start from the previous
-assignment), `recluster`, which regroups one MoE layer and re-factorizes its experts, and
-`carry_optimizer_state`, which moves the optimizer's state along with the experts.
-Does not own: when to recluster (train.py) or the factorization math (compress.py).
+Owns: the expert similarities (parameter and activation views, fused), a balanced k-means
+into G equal clusters (k-means++ seeding with a seed, warm start from the current groups),
+`propose` (a pure function: similarity -> grouping -> gain), `recluster` (propose for one
+layer, then the layer applies it: moe.MoE.cluster the first time, moe.MoE.regroup after), and
+`carry_optimizer_state` (the optimizer's state follows the experts).
+Does not own: when to recluster (train.py), how a layer changes (moe.py), factor math
+(compress.py).
 
 Similarity of experts i, j: an E x E matrix, s = alpha * s_param + (1 - alpha) * s_act, each
 a cosine in [-1, 1]; `similarity="PARAM+ACT"` picks one view of each:
@@ -16,29 +18,18 @@ a cosine in [-1, 1]; `similarity="PARAM+ACT"` picks one view of each:
          centroids cos of the mean inputs routed to i and j (the paper's S_task)
          scores    cos of the columns of softmax(probe @ router.T) over all E experts, each
                    minus its mean over the probe: which of the same tokens would pick i and j
-Once clustered, the members of a cluster share a base, so their weights and outputs agree
-through it, and they see only the tokens routed to the cluster, so their input means agree:
-with weights or outputs as the parameter view, a recluster never moved an expert.
-Why the default is "specific+scores" (alpha 0.7): a planted layer (like tests/test_cluster.py's
-`_planted`: 8 experts in 2 families, and 32 in 8; d=32, h=64, r=4; 8 seeds each), clustered,
-then (i) left alone, (ii) given 10% noise on every factor and router row, or (iii) two experts
-of different clusters switch family: residuals aimed at the other family's weights (as far as
-rank r allows), router rows traded, statistics refreshed by training forwards. Experts moved:
-  - weights or outputs with any activation view, alpha 0.5 or 0.7: none even after (iii),
-    but for outputs+scores at alpha 0.5 (the two, in 3 of 16 runs).
-  - specific+scores: none after (i), (ii); exactly the two after (iii) in 16 of 16 runs, gain
-    0.19-0.22 (E=8) and 0.11-0.12 (E=32), the widest margin over min_gain of the fused views
-    (specific+routed 0.13-0.16 / 0.10-0.11, specific+centroids 0.06-0.08 / 0.07-0.10).
-  - activation alone (alpha 0) when only router rows change: scores 16/16, gain 0.26-0.40 /
-    0.05-0.07; routed 15/16, 0.05-0.16 / 0.02-0.03; centroids 0/16 (routed tokens only).
-k-means restarts: with 0, the first clustering missed the planted families in 3 of 8 seeds
-(E=32, specific+scores); with 8, in none.
+Once clustered, the members of a cluster share a base and see only the cluster's tokens, so
+their weights, outputs and input means agree through the cluster itself; "specific" scales
+that shared part down and "scores" asks the flat router about the same probe tokens, so a
+cluster cannot lock its members in. docs/design.md gives the measurements behind the default.
 """
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compress import cluster_order, factorize, refactorize
+from moe import Regrouping
 
 PARAM_VIEWS = ("weights", "specific", "outputs")
 ACT_VIEWS = ("routed", "centroids", "scores")
@@ -201,142 +192,82 @@ def balanced_kmeans(similarity: torch.Tensor, n_clusters: int, init: torch.Tenso
     return next(r for r, score in zip(results, scores) if score >= max(scores) - 1e-9)
 
 
-def align_gauge(u: torch.Tensor, v: torch.Tensor, u_ref: torch.Tensor, v_ref: torch.Tensor):
-    """Rotate each expert's factors (U Q, Q^T V), Q orthogonal (r, r), as close as possible to
-    (u_ref, v_ref): the product U V and the balance U^T U = V V^T are unchanged.
+@dataclass
+class Proposal:
+    """A grouping for one layer's experts, and whether it is worth taking."""
+    assignment: torch.Tensor   # (E,) cluster of each expert slot (the current groups if skipped)
+    gain: float                # mean within-cluster similarity gained over the current groups
+    skipped: bool              # gain < min_gain: keep the groups (never for the first clustering)
 
-    A re-factorization picks its own basis (SVD order and signs), so without this a factor's
-    columns would not be the columns its optimizer state was built on. Q is the polar factor
-    of U^T U_ref + V V_ref^T, the orthogonal Procrustes solution. u (E, a, r), v (E, r, b).
-    """
-    p, _, qh = torch.linalg.svd(u.float().transpose(1, 2) @ u_ref.float()
-                                + v.float() @ v_ref.float().transpose(1, 2))
-    rotation = p @ qh                                                     # (E, r, r)
-    return (u.float() @ rotation).to(u.dtype), (rotation.transpose(1, 2) @ v.float()).to(v.dtype)
+
+def propose(w1, w2, input_mean, router_weight, probe, groups, n_clusters: int, alpha: float = 0.7,
+            similarity: str = DEFAULT_SIMILARITY, min_gain: float = 0.01, seed: int = 0,
+            restarts: int = 8, random_groups: bool = False) -> Proposal:
+    """Expert weights (E,d,h), (E,h,d), input means (E,d), router rows (E,d), probe (n,d),
+    current groups (E,) or None before the first clustering -> the balanced k-means grouping
+    of their fused similarity, warm-started from the current groups (a pure function).
+    random_groups: the first grouping is drawn at random (seeded) instead, the 'no online
+    clustering' ablation."""
+    n_experts = w1.shape[0]
+    first = groups is None
+    current = torch.arange(n_experts) // (n_experts // n_clusters)   # slots are cluster-major
+    sim = expert_similarity(w1, w2, input_mean, router_weight, probe, groups, alpha,
+                            similarity).cpu()
+    assignment = balanced_kmeans(sim, n_clusters, groups, seed, restarts=restarts)
+    if random_groups and first:
+        assignment = torch.randperm(n_experts, generator=torch.Generator().manual_seed(seed)) % n_clusters
+    gain = within_similarity(sim, assignment) - within_similarity(sim, current)
+    skipped = not first and gain < min_gain
+    return Proposal(current if skipped else assignment, gain, skipped)
 
 
 @torch.no_grad()
 def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAULT_SIMILARITY,
-              min_gain: float = 0.01, restarts: int = 8, random_groups: bool = False) -> dict:
-    """Regroup one model.MoE layer and re-factorize it into a shared base + rank-r residuals.
-
-    Materializes W = B + UV (or takes the dense experts on the first call) and clusters by
-    fused similarity, warm-started from the current groups. A regrouping is taken only if it
-    raises the mean within-cluster similarity by at least `min_gain` (the paper's 0.01);
-    otherwise the groups stay. Either way every cluster is re-factorized (re-centred and
-    re-truncated; skipping that cost quality in an earlier 1000-step run on the Gutenberg
-    books: +6.4% perplexity vs top-k instead of -0.9%), and clusters whose members did not change keep their factors' basis
-    (align_gauge), so their optimizer state stays meaningful. Per-expert quantities (router
-    rows, input means, ids) follow their expert into the new cluster-major slot order.
-
-    random_groups: the first call draws equal groups at random (seeded) instead.
-    Returns {'moved': experts that changed cluster, 'gain': the within-cluster similarity
-    gain of the proposed groups, 'skipped': True when it was below min_gain,
-    'reset': parameters created by this call (no state to carry: the first clustering's bank
-    and cluster router), 'carry': {parameter: (index, keep)} for parameters that survive:
-    new row i of the optimizer state is old row index[i] (None: same rows), and rows where
-    keep is False start from zero (None: all kept)}. carry_optimizer_state applies it.
-    """
+              min_gain: float = 0.01, restarts: int = 8, random_groups: bool = False) -> Regrouping:
+    """Propose a grouping from one moe.MoE layer's weights and statistics, and let the layer
+    apply it: MoE.cluster the first time (a top-k layer becomes clustered), MoE.regroup after
+    (every cluster is re-factorized even when the groups stay: training moves each residual
+    off the shared mean, and re-centring puts it back). -> the layer's Regrouping."""
     cfg = layer.cfg
-    n_clusters, m, n_experts = cfg.n_clusters, cfg.n_experts // cfg.n_clusters, cfg.n_experts
-    current = torch.arange(n_experts) // m                          # slots are cluster-major
     first = not layer.has_clusters
     w1, w2 = (w.detach() for w in layer.bank.weights())
     probe = layer.probe[:min(int(layer.probe_seen), layer.probe.shape[0])]
-    sim = expert_similarity(w1, w2, layer.input_mean, layer.router.weight, probe,
-                           None if first else current, alpha, similarity).cpu()
-    assignment = balanced_kmeans(sim, n_clusters, None if first else current, seed, restarts=restarts)
-    if random_groups and first:  # the 'no online clustering' ablation: equal groups by chance
-        assignment = torch.randperm(n_experts, generator=torch.Generator().manual_seed(seed)) % n_clusters
-    gain = within_similarity(sim, assignment) - within_similarity(sim, current)
-    skipped = not first and gain < min_gain
-    if skipped:
-        assignment = current
-    order = cluster_order(assignment, n_clusters)                   # new slot i <- old order[i]
-    # Old cluster that each new cluster equals (same members), -1 where the members changed.
-    old_of = current[order].view(n_clusters, m)
-    source = torch.where((old_of == old_of[:, :1]).all(1), old_of[:, 0], -1)
+    groups = None if first else torch.arange(cfg.n_experts) // (cfg.n_experts // cfg.n_clusters)
+    proposal = propose(w1, w2, layer.input_mean, layer.router.weight, probe, groups,
+                       cfg.n_clusters, alpha, similarity, min_gain, seed, restarts, random_groups)
     if first:
-        source.fill_(-1)
-    if cfg.compress:
-        factors = _refactor(layer, w1, w2, assignment, current, order, source, first)
-    old_cluster_rows = None if first else layer.cluster_router.detach().clone()
-    if first:
-        layer.make_clustered()
-    permuted = not torch.equal(order, torch.arange(n_experts))
-    order_dev = order.to(layer.router.weight.device)
-    per_expert = [layer.router.weight, layer.input_mean, layer.expert_ids, layer.expert_counts,
-                  layer.expert_bias]
-    if cfg.compress:
-        layer.bank.load_factors(*factors)
-    else:  # the 'no compression' ablation: full experts, only their slots change
-        per_expert += list(layer.bank.parameters())
-    if permuted:
-        for tensor in per_expert:
-            tensor.copy_(tensor[order_dev])
-    rows = layer.router.weight.view(n_clusters, m, -1).mean(1)      # (G, d) member means
-    old_bias, bias = layer.cluster_bias.clone(), torch.zeros_like(layer.cluster_bias)
-    if not first:  # a cluster whose members stayed keeps its prototype and balancing bias
-        keep = source >= 0
-        rows[keep.to(rows.device)] = old_cluster_rows[source[keep].to(rows.device)]
-        bias[keep.to(bias.device)] = old_bias[source[keep].to(bias.device)]
-    layer.cluster_router.copy_(rows)
-    layer.cluster_bias.copy_(bias)
-    layer.n_reclusters += 1
-
-    carry = {}
-    if permuted:  # rows that belong to one expert follow it, and so do their state rows
-        for param in [layer.router.weight] + ([] if cfg.compress else list(layer.bank.parameters())):
-            carry[param] = (order, None)
-    reset = [layer.cluster_router] if first else []
-    if first and cfg.compress:
-        reset += list(layer.bank.parameters())
-    if not first and not bool((source == torch.arange(n_clusters)).all()):
-        index, keep = torch.where(source >= 0, source, torch.arange(n_clusters)), source >= 0
-        for param in ([layer.cluster_router] +
-                      (list(layer.bank.parameters()) if cfg.compress else [])):
-            carry[param] = (index, keep)
-    moved = 0 if first else int((current[order] != assignment[order]).sum())
-    return {"moved": moved, "gain": gain, "skipped": skipped, "reset": reset, "carry": carry}
+        return layer.cluster(proposal.assignment, proposal.gain, w1, w2)
+    return layer.regroup(proposal.assignment, proposal.gain, proposal.skipped, w1, w2)
 
 
-def _refactor(layer, w1, w2, assignment, current, order, source, first):
-    """New shared bases and residuals, cluster-major (compress.factorize's outputs): an SVD
-    of the materialized experts where groups changed, else compress.refactorize in factored
-    form; clusters whose members stayed keep their factors' basis (align_gauge)."""
-    cfg = layer.cfg
-    n_clusters, m = cfg.n_clusters, cfg.n_experts // cfg.n_clusters
-    if first or not torch.equal(assignment, current):
-        _, base1, u1, v1 = factorize(w1, assignment.to(w1.device), n_clusters, cfg.rank)
-        _, base2, u2, v2 = factorize(w2, assignment.to(w2.device), n_clusters, cfg.rank)
-    else:  # same groups: identical to an SVD of the materialized experts, without one
-        bank = layer.bank
-        u1, v1, u2, v2 = bank.factors()
-        base1, u1, v1 = refactorize(bank.base1, u1, v1, cfg.rank)
-        base2, u2, v2 = refactorize(bank.base2, u2, v2, cfg.rank)
-    if not first and bool((source >= 0).any()):
-        kept = (source >= 0).repeat_interleave(m).to(w1.device)      # (E,) slots of kept clusters
-        new, old = [u1, v1, u2, v2], [f[order.to(w1.device)] for f in layer.bank.factors()]
-        for i in (0, 2):
-            u_al, v_al = align_gauge(new[i][kept], new[i + 1][kept], old[i][kept], old[i + 1][kept])
-            new[i][kept], new[i + 1][kept] = u_al, v_al
-        u1, v1, u2, v2 = new
-    return base1, u1, v1, base2, u2, v2
+@dataclass
+class Recluster:
+    """One recluster event over a model's layers."""
+    moved: int = 0                                   # experts that changed cluster, all layers
+    gain: list = field(default_factory=list)         # per layer
+    skipped: list = field(default_factory=list)      # per layer
+    reset: list = field(default_factory=list)        # parameters created (no optimizer state)
+    carry: dict = field(default_factory=dict)        # see moe.Regrouping
+    created: bool = False                            # parameters were replaced: rebuild the optimizer
+    seconds: float = 0.0                             # the regrouping's wall time (train.py)
+    shock_s: float = 0.0                             # the shock measurement's wall time (train.py)
+
+    def add(self, layer: Regrouping):
+        self.moved += layer.moved
+        self.gain.append(layer.gain)
+        self.skipped.append(layer.skipped)
+        self.reset += layer.reset
+        self.carry.update(layer.carry)
+        self.created |= bool(layer.reset)
 
 
 def recluster_model(model: nn.Module, alpha: float = 0.7, seed: int = 0,
                     similarity: str = DEFAULT_SIMILARITY, min_gain: float = 0.01,
-                    restarts: int = 8, random_groups: bool = False) -> dict:
-    """recluster every MoE layer of a GPT -> {'moved': total, 'gain': [per layer],
-    'skipped': [per layer], 'reset': [...], 'carry': {...}} (see recluster)."""
-    total = {"moved": 0, "gain": [], "skipped": [], "reset": [], "carry": {}}
+                    restarts: int = 8, random_groups: bool = False) -> Recluster:
+    """recluster every MoE layer of a GPT (layer i with seed + i)."""
+    total = Recluster()
     for i, layer in enumerate(model.moe_layers()):
-        result = recluster(layer, alpha, seed + i, similarity, min_gain, restarts, random_groups)
-        total["moved"] += result["moved"]
-        total["gain"].append(result["gain"])
-        total["skipped"].append(result["skipped"])
-        total["reset"] += result["reset"]
-        total["carry"].update(result["carry"])
+        total.add(recluster(layer, alpha, seed + i, similarity, min_gain, restarts, random_groups))
     return total
 
 
@@ -362,13 +293,13 @@ def carry_rows(state: dict, index: torch.Tensor | None, keep: torch.Tensor | Non
     return out
 
 
-def carry_optimizer_state(optimizer: torch.optim.Optimizer, result: dict) -> None:
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, result) -> None:
     """Apply a recluster(_model) result to an optimizer's state, in place: drop the state of
     `reset` parameters, permute and zero rows of `carry` parameters. Parameters are the same
     objects before and after a recluster (the bank is filled in place), so the optimizer
     itself survives; only the first clustering creates parameters (rebuild it then)."""
-    for param in result["reset"]:
+    for param in result.reset:
         optimizer.state.pop(param, None)
-    for param, (index, keep) in result["carry"].items():
+    for param, (index, keep) in result.carry.items():
         if param in optimizer.state:
             optimizer.state[param] = carry_rows(optimizer.state[param], index, keep)

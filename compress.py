@@ -3,8 +3,9 @@
 Owns: `factorize` (base = mean of the cluster's members, residual = truncated SVD of each
 member's difference from the base), `low_rank` (that SVD, exact or randomized), `refactorize`
 (the same, for experts that are already in factored form, without materializing them),
-`materialize` (W_e = B[g(e)] + U_e V_e), and the parameter counts of both storages. Pure
-functions on tensors.
+`align_gauge` and `refactor` (the factors of a regrouped layer, in the basis its optimizer
+state was built on), `materialize` (W_e = B[g(e)] + U_e V_e), and the parameter counts of
+both storages. Pure functions on tensors.
 Does not own: which experts form a cluster (cluster.py), the forward pass (experts.py).
 
 Shapes: E experts of matrices (a, b); G equal clusters of m = E / G; rank r.
@@ -108,6 +109,46 @@ def refactorize(base: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank: int)
     new_v = (root.unsqueeze(-1) * wh[..., :rank, :]) @ q2.transpose(1, 2).unsqueeze(1)
     return ((base.to(work) + mean).to(base.dtype), new_u.reshape(n_experts, a, rank).to(u.dtype),
             new_v.reshape(n_experts, rank, b).to(v.dtype))
+
+
+def align_gauge(u: torch.Tensor, v: torch.Tensor, u_ref: torch.Tensor, v_ref: torch.Tensor):
+    """Rotate each expert's factors (U Q, Q^T V), Q orthogonal (r, r), as close as possible to
+    (u_ref, v_ref): the product U V and the balance U^T U = V V^T are unchanged.
+
+    A re-factorization picks its own basis (SVD order and signs), so without this a factor's
+    columns would not be the columns its optimizer state was built on. Q is the polar factor
+    of U^T U_ref + V V_ref^T, the orthogonal Procrustes solution. u (E, a, r), v (E, r, b).
+    """
+    p, _, qh = torch.linalg.svd(u.float().transpose(1, 2) @ u_ref.float()
+                                + v.float() @ v_ref.float().transpose(1, 2))
+    rotation = p @ qh                                                     # (E, r, r)
+    return (u.float() @ rotation).to(u.dtype), (rotation.transpose(1, 2) @ v.float()).to(v.dtype)
+
+
+def refactor(w1, w2, bases, factors, assignment, current, order, source, n_clusters: int,
+             rank: int):
+    """A regrouped layer's new bases and residuals, cluster-major (factorize's outputs): an SVD
+    of the materialized experts w1 (E, d, h), w2 (E, h, d) where the groups changed, else
+    refactorize in factored form (the same result without an SVD per expert); clusters whose
+    members stayed (source >= 0: the old cluster each new one equals) keep their factors'
+    basis (align_gauge), so the optimizer state built on those factors still fits.
+    bases (B1, B2) and factors (U1, V1, U2, V2, per expert) are the bank's before the regroup;
+    order: new slot i holds old slot order[i]."""
+    m = w1.shape[0] // n_clusters
+    if not torch.equal(assignment, current):
+        _, base1, u1, v1 = factorize(w1, assignment.to(w1.device), n_clusters, rank)
+        _, base2, u2, v2 = factorize(w2, assignment.to(w2.device), n_clusters, rank)
+    else:  # same groups: identical to an SVD of the materialized experts, without one
+        base1, u1, v1 = refactorize(bases[0], factors[0], factors[1], rank)
+        base2, u2, v2 = refactorize(bases[1], factors[2], factors[3], rank)
+    if bool((source >= 0).any()):
+        kept = (source >= 0).repeat_interleave(m).to(w1.device)      # (E,) slots of kept clusters
+        new, old = [u1, v1, u2, v2], [f[order.to(w1.device)] for f in factors]
+        for i in (0, 2):
+            u_al, v_al = align_gauge(new[i][kept], new[i + 1][kept], old[i][kept], old[i + 1][kept])
+            new[i][kept], new[i + 1][kept] = u_al, v_al
+        u1, v1, u2, v2 = new
+    return base1, u1, v1, base2, u2, v2
 
 
 def materialize(base: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

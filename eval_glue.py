@@ -270,7 +270,7 @@ def run_task(task: str, cfg: GlueConfig, plan: dict, seed: int) -> list[dict]:
     finetune(model, encode(train_examples, max_len), [ex.label for ex in train_examples],
              cfg, regression, device, autocast, generator, f"{task} fine-tune (seed {seed})")
     records = []
-    clustered = any(layer.clustered for layer in gpt.moe_layers())
+    clustered = any(layer.compressed for layer in gpt.moe_layers())
     for split in spec.eval_splits:
         examples = glue.load_examples(task, split, cfg.data_dir)
         labels = [ex.label for ex in examples]

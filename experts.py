@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import materialize
-from quant import Int4Store, Int4Tensor, quantize_int4
 from router import Routing
 
 
@@ -141,7 +140,7 @@ class ExpertBank(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, d, h))
         self.w2 = nn.Parameter(torch.empty(n_experts, h, d))
         self.capacity_factor = capacity_factor
-        self.matmul = grouped_mm_loop  # model.MoE sets it from moe_impl (resolve_matmul)
+        self.matmul = grouped_mm_loop  # moe.MoE sets it from moe_impl (resolve_matmul)
 
     def forward(self, x: torch.Tensor, routing: Routing, tensors: dict | None = None) -> torch.Tensor:
         """y_t = sum_i g_ti * W2[e_ti] gelu(W1[e_ti] x_t); `tensors` may replace w1, w2."""
@@ -187,7 +186,7 @@ class ClusteredBank(nn.Module):
         super().__init__()
         self.n_clusters, self.m, self.rank = n_clusters, m, rank
         self.quantized = False
-        self.matmul = grouped_mm_loop  # model.MoE sets it from moe_impl (resolve_matmul)
+        self.matmul = grouped_mm_loop  # moe.MoE sets it from moe_impl (resolve_matmul)
         self.combine = combine_reference  # and this (resolve_combine)
         self.base1 = nn.Parameter(torch.zeros(n_clusters, d, h))
         self.base2 = nn.Parameter(torch.zeros(n_clusters, h, d))
@@ -261,6 +260,7 @@ class ClusteredBank(nn.Module):
         """Inference storage (paper: heterogeneous precision): bases become 16-bit buffers
         (FP16 as in the paper; pass bfloat16 to match a bf16 forward and skip a per-step cast),
         residual factors packed INT4 with groups along each matrix's input dimension."""
+        from quant import Int4Store, quantize_int4  # INT4 storage is for inference only
         if self.quantized:
             return self
         for name in self.BASES:
@@ -286,6 +286,7 @@ class ClusteredBank(nn.Module):
     def unpack(stored: dict, dtype) -> dict:
         """Stored form -> compute form: INT4 factors (kept as (out, in) so groups run along
         the input dimension) dequantized and transposed back; float tensors cast."""
+        from quant import Int4Tensor
         return {n: v.dequantize(dtype).transpose(-1, -2) if isinstance(v, Int4Tensor)
                 else v.to(dtype) for n, v in stored.items()}
 
@@ -294,6 +295,7 @@ class ClusteredBank(nn.Module):
         offload.py; `unpack` turns a stack of them into forward weights."""
         if not self.quantized:
             return {n: t[cluster].detach() for n, t in self.weight_tensors().items()}
+        from quant import Int4Tensor
         out = {name: getattr(self, name)[cluster] for name in self.BASES}
         for name in self.FACTORS:
             q = getattr(self, name + "_q").tensor()

@@ -100,7 +100,7 @@ class ClusterOffloader:
         self.budget = int(budget_bytes)
         self.prefetch_enabled = prefetch
         self.predict_at = predict_at
-        self.layers = [layer for layer in model.moe_layers() if layer.clustered]
+        self.layers = [layer for layer in model.moe_layers() if layer.compressed]
         if not self.layers:
             raise ValueError("offload needs clustered MoE layers (train with --moe=clustered "
                              "past warmup_iters, or run cluster.recluster_model first)")
@@ -113,7 +113,7 @@ class ClusterOffloader:
                 self.cpu[index, cluster] = {n: v.pin_memory() if cuda else v for n, v in entry.items()}
             # The bank's own storage leaves the device: only the cache holds GPU copies now.
             layer.bank.to("meta")
-            layer.offload, layer.offload_index = self, index
+            layer.attach_offload(self, index)
         self.resident = OrderedDict()  # (layer, cluster) -> _Entry, least recently used first
         self.predicted = {}            # layer index -> (N,) clusters predicted for its tokens
         self.reset_stats()
@@ -316,6 +316,6 @@ class ClusterOffloader:
         """Detach from the layers; their banks stay on 'meta' (reload the checkpoint to use
         the model without offload)."""
         for layer in self.layers:
-            layer.offload = None
+            layer.attach_offload(None)
         self.resident.clear()
         self.predicted.clear()

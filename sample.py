@@ -59,8 +59,8 @@ class SampleConfig:
 def prepare(model, cfg: SampleConfig, device: str, dtype: str):
     """The compute dtype, --int4 and --offload_budget applied to a loaded model ->
     (the offloader or None, whether the forward needs bf16 autocast)."""
-    clustered = any(layer.clustered for layer in model.moe_layers())
-    stored_int4 = any(layer.clustered and layer.bank.quantized for layer in model.moe_layers())
+    clustered = any(layer.compressed for layer in model.moe_layers())
+    stored_int4 = any(layer.compressed and layer.bank.quantized for layer in model.moe_layers())
     # bf16 weights rather than autocast over float32 ones (a cast per op and per step); an
     # INT4 checkpoint keeps float16 scales, which a blanket .to() would break: autocast then.
     autocast = dtype == "bfloat16" and stored_int4

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import data
 from cli import CheckpointError, load_model, parse_config, resolve_device, save_atomic
-from cluster import carry_optimizer_state, parse_similarity, recluster_model
+from cluster import Recluster, carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
 from train_log import Interval, close_interval, evaluate, startup_summary, trim_logs
 
@@ -232,12 +232,12 @@ class OneProcess:
     def sum_over_ranks(self, tensors: list):  # in place
         pass
 
-    def recluster(self, model, optimizer, **kwargs) -> dict:
-        """cluster.recluster_model, then the optimizer state follows the experts ->
-        its result plus 'created': whether parameters were replaced (rebuild the optimizer)."""
+    def recluster(self, model, optimizer, **kwargs) -> Recluster:
+        """cluster.recluster_model, then the optimizer state follows the experts (when
+        parameters were created, `created` says the optimizer must be rebuilt)."""
         result = recluster_model(model, **kwargs)
         carry_optimizer_state(optimizer, result)
-        return {**result, "created": bool(result["reset"])}
+        return result
 
     def checkpoint_state(self, model, optimizer) -> tuple[dict, dict]:
         return model.state_dict(), optimizer.state_dict()
@@ -272,14 +272,14 @@ class DataParallel(OneProcess):
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(part.view_as(t))
 
-    def recluster(self, model, optimizer, **kwargs) -> dict:
+    def recluster(self, model, optimizer, **kwargs) -> Recluster:
         # Every rank regroups from rank 0's statistics, so every replica regroups alike.
         for layer in model.moe_layers():
             for buf in layer.buffers():
                 dist.broadcast(buf, 0)
         return self._regroup(model, optimizer, **kwargs)
 
-    def _regroup(self, model, optimizer, **kwargs) -> dict:
+    def _regroup(self, model, optimizer, **kwargs) -> Recluster:
         return OneProcess.recluster(self, model, optimizer, **kwargs)
 
     def all_rngs(self, rng: dict) -> list:
@@ -350,7 +350,7 @@ def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, out_d
     to reclusters.jsonl: experts moved, per-layer similarity gain and whether the regrouping
     was skipped, seconds, the membership, and the validation loss just before and after
     (`shock_eval`, the recluster shock; its time is reported apart; every rank that gets one
-    calls it). -> the strategy's recluster result, with 'seconds' and 'shock_s'."""
+    calls it). -> the strategy's Recluster, its seconds and shock_s filled in."""
     layers = model.moe_layers()
     measure = shock_eval is not None and layers[0].has_clusters and cfg.shock_iters > 0
     t_shock = time.perf_counter()
@@ -362,7 +362,7 @@ def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, out_d
                                 random_groups=cfg.cluster_mode == "random")
     t1 = time.perf_counter()
     after = shock_eval() if measure else None
-    result["seconds"], result["shock_s"] = t1 - t0, (t0 - t_shock) + (time.perf_counter() - t1)
+    result.seconds, result.shock_s = t1 - t0, (t0 - t_shock) + (time.perf_counter() - t1)
     if strategy.master:
         m = cfg.n_experts // cfg.n_clusters  # membership[layer][expert] = cluster of each original expert
         membership = [[0] * cfg.n_experts for _ in layers]
@@ -370,8 +370,8 @@ def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, out_d
             for slot, expert in enumerate(layer.expert_ids.tolist()):
                 row[expert] = slot // m
         with open(out_dir / "reclusters.jsonl", "a") as f:
-            f.write(json.dumps({"iter": it, "moved": result["moved"], "gain": result["gain"],
-                                "skipped": result["skipped"], "seconds": result["seconds"],
+            f.write(json.dumps({"iter": it, "moved": result.moved, "gain": result.gain,
+                                "skipped": result.skipped, "seconds": result.seconds,
                                 "val_loss_before": before, "val_loss_after": after,
                                 "shock": None if before is None else after - before,
                                 "membership": membership}) + "\n")
@@ -444,15 +444,15 @@ def train(cfg: TrainConfig) -> dict:
             shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast, cfg.shock_iters)) \
                 if master or strategy.everyone_evaluates else None
             result = recluster_event(model, optimizer, cfg, it, strategy, out_dir, shock)
-            if result["created"]:
+            if result.created:
                 optimizer = build_optimizer(model, cfg, optimizer)
                 runner = strategy.wrap(compiled)
             if cfg.cuda_graph:
                 step.reset()
-            interval.moved += result["moved"]
+            interval.moved += result.moved
             interval.reset_loads()
-            interval.recluster_s += time.perf_counter() - t_recluster - result["shock_s"]
-            interval.paused_s += result["shock_s"]  # a measurement, not training: untimed
+            interval.recluster_s += time.perf_counter() - t_recluster - result.shock_s
+            interval.paused_s += result.shock_s  # a measurement, not training: untimed
 
         # One optimizer step (all ranks), eager or replayed from the graph.
         lr = lr_at(it, cfg)

@@ -63,7 +63,7 @@ class Interval:
                    [torch.zeros_like(l.cluster_counts) for l in layers])
 
     def add_loads(self, layers):
-        """One step's loads (every micro-batch of it: model.MoE's step_counts), on the device."""
+        """One step's loads (every micro-batch of it: moe.MoE's step_counts), on the device."""
         for acc, cacc, layer in zip(self.loads, self.cluster_loads, layers):
             acc += layer.step_counts
             cacc += layer.step_cluster_counts

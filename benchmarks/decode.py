@@ -177,7 +177,7 @@ def _checkpoint_rows(path: str, cfg, device, dtype) -> list[dict]:
     free_memory(device)
     model, ckpt = load_model(path, device)
     model.eval()
-    if not any(layer.clustered for layer in model.moe_layers()):
+    if not any(layer.compressed for layer in model.moe_layers()):
         raise ValueError(f"decode_ckpt {path} is not clustered (moe={model.cfg.moe}); "
                          f"next-layer prediction needs clustered MoE layers")
     tc = TrainConfig(**ckpt["config"])
@@ -187,7 +187,7 @@ def _checkpoint_rows(path: str, cfg, device, dtype) -> list[dict]:
         raise ValueError(f"{tc.dataset}'s val split has {len(val)} tokens; need {CKPT_WINDOWS * block}")
     # Weights in the compute dtype, as the random-init rows; an INT4 checkpoint keeps float16
     # scales, which a blanket .to() would break: autocast then.
-    stored_int4 = any(layer.clustered and layer.bank.quantized for layer in model.moe_layers())
+    stored_int4 = any(layer.compressed and layer.bank.quantized for layer in model.moe_layers())
     if not stored_int4:
         model.to(dtype)
     quantize_model(model, base_dtype=dtype if dtype != torch.float32 else torch.float16)

@@ -24,7 +24,8 @@ import torch.nn as nn
 from cluster import recluster, recluster_model
 from experts import gelu, grouped_available, resolve_matmul
 from fast.triton_combine import combine_available
-from model import GPT, MLP, MoE, GPTConfig, init_weights
+from model import GPT, MLP, GPTConfig, init_weights
+from moe import MoE
 
 
 def free_memory(device):

@@ -4,7 +4,7 @@ ranks that own their experts and back (a torchtitan-style token dispatcher).
 Owns: the differentiable all-to-all (`AllToAll`), the counts exchange, the process groups
 (`expert_parallel_groups`), expert placement
 (contiguous blocks of E/W experts per rank; for the clustered bank whole clusters, G/W per
-rank), `ExpertParallelMoE` (one model.MoE layer spread over a process group),
+rank), `ExpertParallelMoE` (one moe.MoE layer spread over a process group),
 `shard_state` / `gather_state` (a layer's bank <-> one rank's slice of it), and for a whole
 GPT: `parallelize` and the gradient sync and clipping that replace DDP's (train.py sets up
 the groups). The state of a parallelized GPT (full checkpoints, optimizer moments,
@@ -12,7 +12,7 @@ reclustering) is ep_state.py's.
 Does not own: routing math (router.py), expert compute (experts.py: the shard runs the same
 ExpertBank / ClusteredBank forward on a smaller bank), the router's gradient all-reduce (the
 router is replicated: it is a data-parallel parameter like attention's), running statistics
-(model.MoE's code, on this rank's tokens).
+(moe.MoE's code, on this rank's tokens).
 
 Shapes: N local tokens, d model width, h expert width, E experts, G clusters, m = E / G,
 r rank, k experts per token, W world size, E_r = E / W experts per rank, S rows this rank
@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from experts import ClusteredBank, ExpertBank
-from model import MoE
+from moe import MoE
 from router import Routing, count
 
 
@@ -101,7 +101,7 @@ def shard_state(layer: MoE, rank: int, world: int) -> dict:
 
 @torch.no_grad()
 def gather_state(ep: "ExpertParallelMoE") -> dict:
-    """The full layer's state, in model.MoE's state_dict names (router.weight, cluster_router,
+    """The full layer's state, in moe.MoE's state_dict names (router.weight, cluster_router,
     bank.*, the statistics buffers), gathered from every rank's shard: what a checkpoint holds."""
     state = {"router.weight": ep.router.weight.detach().clone()}
     state.update({name: buf.clone() for name, buf in ep._buffers.items()
@@ -118,74 +118,64 @@ def gather_state(ep: "ExpertParallelMoE") -> dict:
     return state
 
 
-class ExpertParallelMoE(nn.Module):
-    """A model.MoE layer spread over a process group: router (and cluster router) replicated,
-    the bank sharded (memory per rank ~ 1/W). forward(x (B, T, C)) -> (y, aux_loss), with
-    aux_loss over this rank's tokens. Built from a full layer; the layer itself is not kept.
+def _check(layer: MoE, world: int):
+    bank, cfg = layer.bank, layer.cfg
+    n_groups = bank.n_clusters if isinstance(bank, ClusteredBank) else cfg.n_experts
+    rules = [
+        (layer.offload is None, "an offloaded layer cannot be expert-parallel"),
+        (not getattr(bank, "quantized", False), "a quantized bank is for inference"),
+        (cfg.capacity_factor == 0, "expert parallelism is dropless: capacity_factor must be 0"),
+        (n_groups % world == 0,
+         f"{'clusters' if isinstance(bank, ClusteredBank) else 'experts'} ({n_groups}) "
+         f"must be divisible by the world size ({world})"),
+        (not isinstance(bank, ClusteredBank) or cfg.hierarchical,
+         "a clustered bank needs hierarchical routing (one cluster per token)"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(f"expert parallel: {message}")
+
+
+def _local_bank(layer: MoE, rank: int, world: int):
+    """Rank `rank`'s slice of a full layer's bank, as a bank of the same kind."""
+    bank, cfg = layer.bank, layer.cfg
+    if isinstance(bank, ClusteredBank):
+        local = ClusteredBank(bank.n_clusters // world, bank.m, cfg.n_embd, cfg.ffn_hidden, bank.rank)
+    else:
+        local = ExpertBank(cfg.n_experts // world, cfg.n_embd, cfg.ffn_hidden)
+    local.load_state_dict(shard_state(layer, rank, world))
+    return local.to(layer.router.weight.device)
+
+
+class ExpertParallelMoE(MoE):
+    """A moe.MoE layer spread over a process group: router (and cluster router) replicated,
+    the bank sharded (memory per rank ~ 1/W). It is a MoE: routing, the running statistics
+    (of this rank's tokens), balancing and the state a checkpoint holds are the parent's;
+    only `dispatch`, where tokens meet their experts, differs. aux_loss is over this rank's
+    tokens. Built from a full layer; the layer itself is not kept.
 
     bytes_sent: after each forward, {'dispatch', 'combine'} bytes this rank sent to OTHER
     ranks (rows * d * element size; the rows a rank keeps for itself are not counted).
     """
 
-    # The routing is model.MoE's own code, not a copy: it reads only cfg, router,
-    # cluster_router and has_clusters, which this module has too.
-    route = MoE.route
-    cluster_logits = MoE.cluster_logits
-    _record = MoE._record
-    balance_step = MoE.balance_step
-    clustered = MoE.clustered
-
     def __init__(self, layer: MoE, group=None):
-        super().__init__()
-        cfg = layer.cfg
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
-        self.group = group
-        self.world = 1 if group is None else dist.get_world_size(group)
-        self.rank = 0 if group is None else dist.get_rank(group)
-        bank = layer.bank
-        n_groups = bank.n_clusters if isinstance(bank, ClusteredBank) else cfg.n_experts
-        rules = [
-            (layer.offload is None, "an offloaded layer cannot be expert-parallel"),
-            (not getattr(bank, "quantized", False), "a quantized bank is for inference"),
-            (cfg.capacity_factor == 0, "expert parallelism is dropless: capacity_factor must be 0"),
-            (n_groups % self.world == 0,
-             f"{'clusters' if isinstance(bank, ClusteredBank) else 'experts'} ({n_groups}) "
-             f"must be divisible by the world size ({self.world})"),
-            (not isinstance(bank, ClusteredBank) or cfg.hierarchical,
-             "a clustered bank needs hierarchical routing (one cluster per token)"),
-        ]
-        for ok, message in rules:
-            if not ok:
-                raise ValueError(f"expert parallel: {message}")
-        self.cfg = cfg
-        self.experts_per_rank = cfg.n_experts // self.world                # E_r
-        self.router = nn.Linear(cfg.n_embd, cfg.n_experts, bias=False, device=layer.router.weight.device)
-        self.router.weight.data.copy_(layer.router.weight.detach())
-        self.cluster_router = None if layer.cluster_router is None else \
-            nn.Parameter(layer.cluster_router.detach().clone())
-        self.bank = self._local_bank(layer)
-        # The running statistics (loads, input means, probe) are model.MoE's, recorded from
-        # this rank's tokens by model.MoE's own code; train.py broadcasts rank 0's before a
-        # recluster, as it does for data parallelism.
-        for name, buf in layer.named_buffers(recurse=False):
-            self.register_buffer(name, buf.detach().clone(),
-                                 persistent=name not in layer._non_persistent_buffers_set)
-        self.stats_rate = layer.stats_rate
+        world = 1 if group is None else dist.get_world_size(group)
+        rank = 0 if group is None else dist.get_rank(group)
+        _check(layer, world)
+        super().__init__(layer.cfg, bank=_local_bank(layer, rank, world))
+        self.group, self.world, self.rank = group, world, rank
+        self.experts_per_rank = layer.cfg.n_experts // world                # E_r
         self.bytes_sent = {"dispatch": 0, "combine": 0}
-
-    def _local_bank(self, layer: MoE):
-        """This rank's slice of a full layer's bank, as a bank of the same kind."""
-        bank, cfg = layer.bank, layer.cfg
-        if isinstance(bank, ClusteredBank):
-            local = ClusteredBank(bank.n_clusters // self.world, bank.m, cfg.n_embd, cfg.ffn_hidden,
-                                  bank.rank)
-            local.combine = bank.combine
-        else:
-            local = ExpertBank(self.experts_per_rank, cfg.n_embd, cfg.ffn_hidden)
-        local.matmul = bank.matmul
-        local.load_state_dict(shard_state(layer, self.rank, self.world))
-        return local.to(layer.router.weight.device)
+        self.to(layer.router.weight.device)
+        with torch.no_grad():
+            self.router.weight.copy_(layer.router.weight)
+            if layer.cluster_router is not None:
+                self.cluster_router = nn.Parameter(layer.cluster_router.detach().clone())
+            # train.py broadcasts rank 0's statistics before a recluster, as under DDP.
+            for name, buf in layer.named_buffers(recurse=False):
+                getattr(self, name).copy_(buf)
 
     @torch.no_grad()
     def adopt(self, layer: MoE) -> bool:
@@ -199,7 +189,8 @@ class ExpertParallelMoE(nn.Module):
         elif layer.cluster_router is not None:
             self.cluster_router.copy_(layer.cluster_router)
         if type(layer.bank) is not type(self.bank):
-            self.bank, created = self._local_bank(layer), True
+            self.bank, created = _local_bank(layer, self.rank, self.world), True
+            self._resolve_impl()
         else:
             self.bank.load_state_dict(shard_state(layer, self.rank, self.world))
         self.router.weight.copy_(layer.router.weight)
@@ -207,20 +198,9 @@ class ExpertParallelMoE(nn.Module):
             getattr(self, name).copy_(buf)
         return created
 
-    @property
-    def has_clusters(self) -> bool:
-        return self.cluster_router is not None
-
-    def forward(self, x):
-        B, T, C = x.shape
-        x = x.reshape(B * T, C)                                            # (N, d)
-        routing = self.route(x)
-        if self.world == 1:
-            y = self.bank(x, routing)
-        else:
-            y = self._parallel(x, routing)
-        self._record(x, routing)
-        return y.view(B, T, C), routing.aux_loss
+    def dispatch(self, x, routing):
+        """Tokens go to the ranks that hold their experts and come back (one process: the bank)."""
+        return self.bank(x, routing) if self.world == 1 else self._parallel(x, routing)
 
     def _parallel(self, x, routing):
         W = self.world
@@ -268,7 +248,7 @@ class ExpertParallelMoE(nn.Module):
 
 
 def parallelize(model, group) -> None:
-    """Swap every model.MoE of a GPT for an ExpertParallelMoE over `group` (in place; the full
+    """Swap every moe.MoE of a GPT for an ExpertParallelMoE over `group` (in place; the full
     banks are dropped)."""
     for block in model.blocks:
         if isinstance(block.ffn, MoE):

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from cluster import carry_optimizer_state, recluster
+from cluster import Recluster, carry_optimizer_state, recluster
 from parallel import ep
 from parallel.ep import ExpertParallelMoE, gather_state
-from model import MoE
+from moe import MoE
 from train import DataParallel
 
 
@@ -55,17 +55,16 @@ def _rows_of(state: dict, rank: int, world: int) -> dict:
 
 
 @torch.no_grad()
-def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs) -> dict:
+def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs):
     """cluster.recluster for an expert-parallel layer, with its optimizer state: every rank
     gathers the full layer and the shards' moments, regroups it the same way (same
     statistics, same seed: the result is identical on every rank), and keeps its slice
     again. Experts that move to a cluster on another rank arrive there with their weights
     (in the new factorization) and their state rows: the gathered moments are permuted and
     re-zeroed by recluster's carry / reset exactly as one process would, then re-sliced.
-    kwargs: cluster.recluster's. -> recluster's result (its parameters are the temporary
-    full layer's), plus 'created': whether this layer's parameters were replaced (the first
-    clustering), so the optimizer must be rebuilt; their carried state is already in
-    optimizer.state."""
+    kwargs: cluster.recluster's. -> (recluster's Regrouping, whose parameters are the
+    temporary full layer's; whether this layer's parameters were replaced, the first
+    clustering, so the optimizer must be rebuilt: their carried state is in optimizer.state)."""
     full = MoE(layer.cfg).to(layer.router.weight.device)
     if layer.cluster_router is not None:
         full.make_clustered()
@@ -90,19 +89,19 @@ def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs) -> dict:
             state = states[name]
             optimizer.state[param] = _rows_of(state, layer.rank, layer.world) \
                 if name.startswith("bank.") else state
-    return {**result, "created": created}
+    return result, created
 
 
-def recluster_model(model, optimizer, alpha: float = 0.7, seed: int = 0, **kwargs) -> dict:
-    """cluster.recluster_model for a parallelized GPT (collective) -> {'moved', 'gain',
-    'skipped' (per layer), 'created'}; the optimizer state is already carried."""
-    total = {"moved": 0, "gain": [], "skipped": [], "created": False}
+def recluster_model(model, optimizer, alpha: float = 0.7, seed: int = 0, **kwargs) -> Recluster:
+    """cluster.recluster_model for a parallelized GPT (collective); the optimizer state is
+    already carried."""
+    total = Recluster()
     for i, layer in enumerate(model.moe_layers()):
-        result = recluster_layer(layer, optimizer, alpha=alpha, seed=seed + i, **kwargs)
-        total["moved"] += result["moved"]
-        total["gain"].append(result["gain"])
-        total["skipped"].append(result["skipped"])
-        total["created"] |= result["created"]
+        regrouping, created = recluster_layer(layer, optimizer, alpha=alpha, seed=seed + i, **kwargs)
+        total.moved += regrouping.moved
+        total.gain.append(regrouping.gain)
+        total.skipped.append(regrouping.skipped)
+        total.created |= created
     return total
 
 

@@ -2,7 +2,8 @@
 import torch
 
 from benchmarks.layers import MinimalTopK
-from model import GPTConfig, MoE, init_weights
+from model import GPTConfig, init_weights
+from moe import MoE
 
 
 def test_minimal_topk_equals_our_topk_layer():

@@ -3,10 +3,11 @@ change of truth that moves exactly the changed experts, and optimizer state that
 import pytest
 import torch
 
-from cluster import (align_gauge, balanced_kmeans, carry_optimizer_state, carry_rows,
-                     cosine_matrix, flat_weights, expert_similarity, recluster, specific_weights)
-from compress import factorize
-from model import MoE, GPTConfig, init_weights
+from cluster import (balanced_kmeans, carry_optimizer_state, carry_rows, cosine_matrix,
+                     expert_similarity, flat_weights, propose, recluster, specific_weights)
+from compress import align_gauge, factorize
+from model import GPTConfig, init_weights
+from moe import MoE
 
 
 def _same_partition(a, b):
@@ -83,7 +84,7 @@ def test_recluster_full_rank_unchanged_assignment_preserves_output():
     before = layer(x)[0]
     ids = layer.expert_ids.clone()
     result = recluster(layer)                                        # same groups again
-    assert result["moved"] == 0 and result["skipped"] and torch.equal(layer.expert_ids, ids)
+    assert result.moved == 0 and result.skipped and torch.equal(layer.expert_ids, ids)
     torch.testing.assert_close(layer(x)[0], before, rtol=1e-4, atol=1e-5)
 
 
@@ -97,8 +98,8 @@ def test_unchanged_groups_refactorize_like_an_svd_of_the_materialized_experts():
     old = [f.detach().clone() for f in layer.bank.factors()]
     ids = layer.expert_ids.clone()
     result = recluster(layer)
-    assert result["moved"] == 0 and torch.equal(layer.expert_ids, ids)
-    assert result["reset"] == [] and result["carry"] == {}          # every state survives
+    assert result.moved == 0 and torch.equal(layer.expert_ids, ids)
+    assert result.reset == [] and result.carry == {}          # every state survives
     # brute force: centre and truncate the materialized experts with a full SVD; the factors
     # come in the basis nearest the old ones, not the SVD's own (order, signs), so the
     # optimizer state built on the old factors still fits
@@ -127,14 +128,14 @@ def test_first_recluster_keeps_experts_and_permutes_router_with_them():
     w1_before = layer.bank.w1.detach().clone()
     router_before = layer.router.weight.detach().clone()
     result = recluster(layer)
-    assert layer.clustered and int(layer.n_reclusters) == 1
+    assert layer.compressed and int(layer.n_reclusters) == 1
     w1_after, _ = layer.bank.weights()
     ids = layer.expert_ids
     torch.testing.assert_close(w1_after, w1_before[ids], rtol=1e-4, atol=1e-5)
     assert torch.equal(layer.router.weight, router_before[ids])
     # cluster router rows are the mean of their members' router rows
     torch.testing.assert_close(layer.cluster_router, layer.router.weight.view(2, 4, -1).mean(1))
-    assert {id(p) for p in result["reset"]} == {id(p) for p in layer.bank.parameters()} | \
+    assert {id(p) for p in result.reset} == {id(p) for p in layer.bank.parameters()} | \
         {id(layer.cluster_router)}
 
 
@@ -224,17 +225,17 @@ def test_planted_change_moves_exactly_the_changed_experts(similarity, moves):
     layer, run, swap = _planted(n_families=2)
     ids = layer.expert_ids.clone()
     result = recluster(layer, similarity=similarity)                 # nothing changed
-    assert result["moved"] == 0 and result["skipped"] and result["gain"] < 0.01
+    assert result.moved == 0 and result.skipped and result.gain < 0.01
     assert torch.equal(layer.expert_ids, ids)
     swap(0, 4)
     run()
     planted = {int(ids[0]), int(ids[4])}
     result = recluster(layer, similarity=similarity)
     if moves:
-        assert result["moved"] == 2 and not result["skipped"] and result["gain"] >= 0.01
+        assert result.moved == 2 and not result.skipped and result.gain >= 0.01
         assert _moved_ids(layer, ids) == planted
     else:  # the old default: the shared base and routed-token means hold every expert in place
-        assert result["moved"] == 0 and result["skipped"]
+        assert result.moved == 0 and result.skipped
 
 
 def test_balancing_biases_follow_their_experts():
@@ -246,13 +247,13 @@ def test_balancing_biases_follow_their_experts():
         layer.expert_bias.copy_(ids.float())
         layer.cluster_bias.copy_(torch.tensor([0.5, -0.5]))
     result = recluster(layer)
-    assert result["moved"] == 2
+    assert result.moved == 2
     assert torch.equal(layer.expert_bias, layer.expert_ids.float())   # moved with its expert
     assert not layer.cluster_bias.any()          # both clusters changed members: biases restart
     result = recluster(layer)                    # nothing changes: every cluster keeps its bias
     with torch.no_grad():
         layer.cluster_bias.copy_(torch.tensor([0.5, -0.5]))
-    assert recluster(layer)["skipped"]
+    assert recluster(layer).skipped
     assert torch.equal(layer.cluster_bias, torch.tensor([0.5, -0.5]))
 
 
@@ -262,7 +263,7 @@ def test_gain_threshold_decides_whether_a_regrouping_is_taken():
     run()
     ids = layer.expert_ids.clone()
     result = recluster(layer, min_gain=10.0)                         # gain can never reach it
-    assert result["skipped"] and result["moved"] == 0 and result["gain"] >= 0.01
+    assert result.skipped and result.moved == 0 and result.gain >= 0.01
     assert torch.equal(layer.expert_ids, ids)
 
 
@@ -277,13 +278,13 @@ def test_optimizer_state_follows_the_experts():
 
     result = recluster(layer)                                        # nothing changed: all kept
     carry_optimizer_state(optimizer, result)
-    assert result["skipped"] and optimizer.state[layer.router.weight] is kept_state
+    assert result.skipped and optimizer.state[layer.router.weight] is kept_state
 
     ids = layer.expert_ids.clone()
     swap(0, 4)
     run()
     result = recluster(layer)
-    assert result["moved"] == 2 and result["reset"] == []
+    assert result.moved == 2 and result.reset == []
     assert all(p is q for p, q in zip(layer.parameters(), params))  # same parameter objects
     carry_optimizer_state(optimizer, result)
     # router rows follow their expert: new slot i holds the expert that sat in old slot `old`
@@ -302,7 +303,7 @@ def test_optimizer_state_follows_the_experts():
 
 def test_without_compression_whole_experts_and_their_state_move():
     layer, run, swap = _planted(n_families=2, compress=False)
-    assert layer.has_clusters and not layer.clustered                # full experts, grouped
+    assert layer.has_clusters and not layer.compressed                # full experts, grouped
     optimizer = torch.optim.AdamW(list(layer.parameters()), lr=1e-3)
     layer((torch.randn(1, 64, D)))[0].square().mean().backward()
     optimizer.step()
@@ -311,7 +312,7 @@ def test_without_compression_whole_experts_and_their_state_move():
     ids, w1 = layer.expert_ids.clone(), layer.bank.w1.detach().clone()
     w1_state = optimizer.state[layer.bank.w1]["exp_avg"].clone()
     result = recluster(layer)
-    assert result["moved"] == 2 and _moved_ids(layer, ids) == {int(ids[0]), int(ids[4])}
+    assert result.moved == 2 and _moved_ids(layer, ids) == {int(ids[0]), int(ids[4])}
     carry_optimizer_state(optimizer, result)
     old = torch.tensor([int((ids == e).nonzero()) for e in layer.expert_ids])
     assert torch.equal(layer.bank.w1, w1[old])                       # experts moved whole
@@ -331,7 +332,26 @@ def test_recluster_on_cuda_matches_cpu():
     cpu_layer = _layer(rank=4)
     gpu_layer = _layer(rank=4).cuda()
     for _ in range(2):
-        moved_cpu = recluster(cpu_layer)["moved"]
-        assert recluster(gpu_layer)["moved"] == moved_cpu
+        moved_cpu = recluster(cpu_layer).moved
+        assert recluster(gpu_layer).moved == moved_cpu
     assert torch.equal(gpu_layer.expert_ids.cpu(), cpu_layer.expert_ids)
     torch.testing.assert_close(gpu_layer.bank.base1.cpu(), cpu_layer.bank.base1, rtol=1e-4, atol=1e-4)
+
+
+def test_propose_is_pure_and_recluster_applies_what_it_proposes():
+    layer, run, swap = _planted(n_families=2)
+    swap(0, 4)
+    run()
+    w1, w2 = (w.detach() for w in layer.bank.weights())
+    probe = layer.probe[:min(int(layer.probe_seen), layer.probe.shape[0])]
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    groups = torch.arange(8) // 4
+    proposal = propose(w1, w2, layer.input_mean, layer.router.weight, probe, groups, 2)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())   # untouched
+    assert not proposal.skipped and proposal.gain >= 0.01
+    ids = layer.expert_ids.clone()
+    result = recluster(layer)
+    assert result.gain == proposal.gain and result.moved == 2
+    # each expert now sits in the cluster the proposal gave its old slot
+    cluster_of = {int(e): slot // 4 for slot, e in enumerate(layer.expert_ids)}
+    assert _same_partition(torch.tensor([cluster_of[int(e)] for e in ids]), proposal.assignment)

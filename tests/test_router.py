@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from model import GPTConfig, MoE, init_weights
+from model import GPTConfig, init_weights
+from moe import MoE
 from router import bias_update, hierarchical_route, load_balance_loss, load_cv, topk_route, z_loss
 
 
