@@ -33,7 +33,7 @@ from benchmarks.layers import (bench_layers, build_model, free_memory, peak_mib,
                           train_speed)
 from benchmarks.quality import (GRIDS, beyond_noise, lr_sweep, read_log, routing_stats, run_grid,
                            run_variants, summarize)
-from cli import load_model, parse_config
+from cli import load_model, parse_config, run
 from offload import ClusterOffloader
 from quant import quantize_model
 from train import PRESETS, TrainConfig
@@ -110,10 +110,10 @@ def _model_config(cfg: BenchConfig, moe: str, big: bool = False) -> TrainConfig:
     if cfg.smoke:
         tc.n_layer, tc.n_head, tc.n_embd, tc.ffn_hidden, tc.block_size = 1, 2, 32, 64, 32
         tc.n_experts, tc.n_clusters, tc.rank = 8, 2, 4
-        tc.warmup_iters, tc.recluster_interval, tc.eval_interval = 2, 1, 2
+        tc.burn_in, tc.recluster_interval, tc.eval_interval = 2, 1, 2
     else:
         tc.eval_interval = max(1, cfg.train_iters // 5)
-        tc.warmup_iters = tc.recluster_interval = max(1, cfg.train_iters // 5)
+        tc.burn_in = tc.recluster_interval = max(1, cfg.train_iters // 5)
     return tc
 
 
@@ -248,7 +248,7 @@ def bench_grid(name: str):
     """A section that trains GRIDS[name] on the quality data (schedule: train.py's defaults)."""
     def run(cfg: BenchConfig, device, out: Path) -> list[dict]:
         base = _model_config(cfg, "topk")
-        base.eval_interval, base.warmup_iters, base.recluster_interval = (
+        base.eval_interval, base.burn_in, base.recluster_interval = (
             (max(1, cfg.train_iters // 5), 200, 100) if not cfg.smoke else (2, 2, 1))
         base.device, base.compile = str(device), device.type == "cuda"
         glue = cfg.glue_dir and {"task": cfg.glue_task, "data_dir": cfg.glue_dir, "epochs": 2,
@@ -262,7 +262,7 @@ def bench_baseline(cfg: BenchConfig, device, out: Path) -> list[dict]:
     clustered) swept over `lrs` for sweep_iters, then each at its best lr with `seeds` seeds
     for train_iters; held-out load CV of every final MoE checkpoint."""
     base = _model_config(cfg, "topk")
-    base.warmup_iters, base.recluster_interval = (200, 100) if not cfg.smoke else (2, 1)
+    base.burn_in, base.recluster_interval = (200, 100) if not cfg.smoke else (2, 1)
     base.device, base.compile, base.final_ckpt = str(device), device.type == "cuda", "weights"
     base.ckpt_interval = cfg.ckpt_interval
     lrs = [float(lr) for lr in cfg.lrs.split(",")]
@@ -473,8 +473,4 @@ def main(cfg: BenchConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        config = parse_config(BenchConfig, sys.argv[1:])
-        main(config)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    run(lambda argv: main(parse_config(BenchConfig, argv)), sys.argv[1:])

@@ -1,20 +1,90 @@
-"""What every entry point shares: `--field=value` flags, devices, and checkpoint files.
+"""What every entry point shares: `--field=value` flags, errors, devices, checkpoint files.
 
 Owns: `parse_config` (any dataclass; unknown keys are an error listing the valid ones; named
-presets with explicit flags winning), `resolve_device`, `save_atomic` (temp file + rename,
-so a crash never leaves a half-written checkpoint), and reading checkpoints safely
-(`weights_only=True`: a checkpoint from elsewhere cannot run code) into a GPT.
+presets with explicit flags winning; `--help` prints every flag with the comment beside its
+field, under the group comments of its dataclass), `run` (an entry point's errors in its
+input become one line, `--debug` shows the traceback), `resolve_device`, `save_atomic`
+(temp file + rename, so a crash or a full disk never leaves a half-written checkpoint), and
+reading checkpoints safely (`weights_only=True`: a checkpoint from elsewhere cannot run code;
+older field names are upgraded) into a GPT.
 Does not own: any config's fields (each entry point's dataclass) or the training loop.
 """
+import inspect
 import os
+import re
 import shutil
 import sys
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import torch
 
 from model import GPT, GPTConfig
+
+
+class UsageError(ValueError):
+    """A problem with the input (a file, a device, a checkpoint): one line, no traceback."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written; the last good one is still in place."""
+
+
+# What `run` reports in one line: bad flags and configs (ValueError, UsageError), missing
+# files, a checkpoint that cannot be written, a run whose loss became non-finite.
+INPUT_ERRORS = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError)
+
+
+def run(main, argv: list[str]):
+    """main(argv) for an entry point: an input error prints `error: <one line>` on stderr
+    and exits with status 1; with --debug it raises, traceback and all. Any other exception
+    is a bug and keeps its traceback."""
+    debug = "--debug" in argv
+    try:
+        return main([arg for arg in argv if arg != "--debug"])
+    except INPUT_ERRORS as error:
+        if debug:
+            raise
+        sys.exit("error: " + " ".join(str(error).split()))
+
+
+def describe(cls) -> list[tuple[str, str, str]]:
+    """(group, field, description) for each field of a dataclass, from its source: the
+    comment after a field (and the comment lines under it) describes it; a line `# group:`
+    starts a group. A subclass's field overrides its base's."""
+    found = {}
+    for klass in reversed([k for k in cls.__mro__ if is_dataclass(k)]):
+        group, last = "", None
+        for line in inspect.getsource(klass).splitlines()[1:]:
+            header = re.match(r"\s+# (\w[\w ,-]*):$", line)
+            field = re.match(r"\s+(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
+            more = re.match(r"\s{8,}#\s*(.*)$", line)
+            if header:
+                group = header.group(1)
+            elif field:
+                last = field.group(1)
+                found[last] = [group, (field.group(2) or "").strip()]
+            elif more and last:
+                found[last][1] += " " + more.group(1).strip()
+            else:
+                last = None
+    return [(*found.get(f.name, ["", ""])[:1], f.name, found.get(f.name, ["", ""])[1])
+            for f in fields(cls)]
+
+
+def help_text(cls, presets: dict | None = None) -> str:
+    lines = [f"usage: --field=value ...{' --preset=' + '|'.join(presets) if presets else ''}"
+             f" [--debug: tracebacks instead of one-line errors]"]
+    defaults = {f.name: f.default for f in fields(cls)}
+    rows = describe(cls)
+    first = {where: i for i, (where, _, _) in reversed(list(enumerate(rows)))}
+    group = None
+    for where, name, text in sorted(rows, key=lambda row: (row[0] == "", first[row[0]])):
+        if where != group:
+            group = where
+            lines.append(f"\n{where or 'other'}:")
+        lines.append(f"  --{name}={defaults[name]!r}".ljust(34) + f" {text}".rstrip())
+    return "\n".join(lines)
 
 
 def parse_config(cls, argv: list[str], presets: dict | None = None):
@@ -27,8 +97,7 @@ def parse_config(cls, argv: list[str], presets: dict | None = None):
     values = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print("usage: --field=value, fields and defaults:\n" + "\n".join(
-                f"  --{f.name}={f.default}" for f in fields(cls)))
+            print(help_text(cls, presets))
             sys.exit(0)
         key, eq, raw = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in valid:
@@ -53,19 +122,37 @@ def parse_config(cls, argv: list[str], presets: dict | None = None):
 def resolve_device(device: str, dtype: str):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device} but CUDA is not available; use --device=cpu")
+        raise UsageError(f"device={device} but CUDA is not available; use --device=cpu")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     return device, dtype
 
 
+def upgrade_config(config: dict) -> dict:
+    """A checkpoint's config under today's names: `warmup_iters` was the clustering burn-in
+    and `lr_warmup` the LR warmup (now burn_in and warmup_iters); moe_impl 'fused' is 'triton'."""
+    config = dict(config)
+    if "lr_warmup" in config:
+        config["burn_in"] = config.pop("warmup_iters", 200)
+        config["warmup_iters"] = config.pop("lr_warmup")
+    if config.get("moe_impl") == "fused":
+        config["moe_impl"] = "triton"
+    return config
+
+
 def load_checkpoint(path, device="cpu") -> dict:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:
-        raise RuntimeError(f"cannot read checkpoint {path}: {error} (corrupt or not ours?)") from None
+        first = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
+        raise UsageError(f"cannot read checkpoint {path}: corrupt, truncated or not one of "
+                         f"ours ({first})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UsageError(f"{path} is not a train.py checkpoint (no model and config in it)")
+    ckpt["config"] = upgrade_config(ckpt["config"])
+    return ckpt
 
 
 def load_model(path, device="cpu"):
@@ -77,10 +164,6 @@ def load_model(path, device="cpu"):
     model.prepare_state_dict(ckpt["model"])
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that could not be written; the last good one is still in place."""
 
 
 def state_bytes(obj) -> int:

@@ -200,6 +200,7 @@ class Proposal:
     skipped: bool              # gain < min_gain: keep the groups (never for the first clustering)
 
 
+@torch.no_grad()
 def propose(w1, w2, input_mean, router_weight, probe, groups, n_clusters: int, alpha: float = 0.7,
             similarity: str = DEFAULT_SIMILARITY, min_gain: float = 0.01, seed: int = 0,
             restarts: int = 8, random_groups: bool = False) -> Proposal:

@@ -212,6 +212,9 @@ def text_sources(paths) -> list[Path]:
             sources += zips or [path]
         elif zipfile.is_zipfile(path):
             sources.append(path)
+        elif path.suffix == ".zip":
+            raise ValueError(f"{path} is a corrupt or truncated .zip (no readable directory "
+                             f"of its members); download or copy it again")
         else:
             raise ValueError(f"dataset path {path} is neither a folder nor a .zip of .txt files")
     stems = sorted(s.stem for s in sources)
@@ -259,9 +262,12 @@ def _read_documents(source: Path) -> dict[str, str]:
         return {f"{source.stem}/{p.relative_to(source).as_posix()}":
                 p.read_text(encoding="utf-8", errors="replace")
                 for p in sorted(source.rglob("*.txt"))}
-    with zipfile.ZipFile(source) as z:
-        return {f"{source.stem}/{n}": z.read(n).decode("utf-8", errors="replace")
-                for n in sorted(z.namelist()) if _is_document(n)}
+    try:
+        with zipfile.ZipFile(source) as z:
+            return {f"{source.stem}/{n}": z.read(n).decode("utf-8", errors="replace")
+                    for n in sorted(z.namelist()) if _is_document(n)}
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise ValueError(f"{source} is a corrupt or truncated .zip ({error})") from None
 
 
 def tail_cut(text: str, val_fraction: float) -> int:
@@ -307,6 +313,9 @@ def prepare_text_collection(paths, data_dir, val_split: str = "auto",
     for source in tqdm(sources, desc="read", disable=len(sources) < 2):
         docs.update(_read_documents(source))
     names = [n for n in docs if docs[n].strip()]
+    if not names:
+        raise ValueError(f"{', '.join(str(s) for s in sources)}: no text in its {len(docs)} "
+                         f".txt file{'s' * (len(docs) != 1)} (all empty)")
     meta = {"sources": [str(s) for s in sources], "val_split": val_split,
             "val_fraction": val_fraction, "documents": len(names),
             "sha256": [sha256_file(s) if s.is_file() else None for s in sources]}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 import glue
-from cli import load_model, parse_config, resolve_device
+from cli import UsageError, load_model, parse_config, resolve_device, run
 
 
 @dataclass
@@ -387,13 +387,13 @@ def finetune_and_evaluate(cfg: GlueConfig, plan: dict | None = None) -> list[dic
 
 
 def main(argv: list[str]) -> list[dict]:
+    cfg = parse_config(GlueConfig, argv)
     try:
-        cfg = parse_config(GlueConfig, argv)
         plan = prepare(cfg)
-    except (ValueError, OSError, RuntimeError) as error:
-        sys.exit(f"error: {error}")
+    except (OSError, RuntimeError) as error:  # files and downloads: the user's to fix
+        raise UsageError(str(error)) from None
     return finetune_and_evaluate(cfg, plan)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main, sys.argv[1:])

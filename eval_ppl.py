@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from cli import load_model, parse_config, resolve_device
+from cli import load_model, parse_config, resolve_device, run
 
 
 @dataclass
@@ -86,8 +86,4 @@ def main(cfg: PplConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        config = parse_config(PplConfig, sys.argv[1:]).validate()
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
-    main(config)
+    run(lambda argv: main(parse_config(PplConfig, argv).validate()), sys.argv[1:])

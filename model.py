@@ -28,29 +28,33 @@ BALANCE = ("aux", "bias")
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50304      # GPT-2's 50257 padded to a multiple of 64 for fast matmuls
-    block_size: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    moe: str = "topk"
-    ffn_hidden: int = 768        # hidden width of one expert (the dense MLP is top_k times wider)
-    n_experts: int = 32
-    top_k: int = 2
-    n_clusters: int = 8
-    rank: int = 16
+    """The network. The defaults are the quick model `python train.py` trains in minutes on
+    a CPU; train.PRESETS holds the sizes the results use."""
+    # model:
+    moe: str = "topk"             # the feed-forward: dense | topk | clustered
+    n_layer: int = 4              # transformer blocks
+    n_head: int = 4               # attention heads
+    n_embd: int = 128             # model width d
+    block_size: int = 128         # context length in tokens
+    vocab_size: int = 50304       # GPT-2's 50257 padded to a multiple of 64 for fast matmuls
+    dropout: float = 0.0          # on embeddings and attention (GLUE fine-tuning sets its own)
+    ffn_hidden: int = 256         # hidden width of one expert (the dense MLP is top_k times wider)
+    n_experts: int = 8            # experts per MoE layer (E)
+    top_k: int = 2                # experts per token (k)
+    # routing:
     balance: str = "aux"          # aux: the Switch loss (aux_loss_coef) | bias: DeepSeek-V3's
                                   # per-expert bias that steers the choice, no loss needed
     bias_rate: float = 1e-3       # balance=bias: the bias step after each optimizer step
     aux_loss_coef: float = 0.01   # the Switch balance loss's weight (also usable beside bias)
-    z_loss_coef: float = 0.001
+    z_loss_coef: float = 0.001    # the router z-loss's weight (keeps logits small)
     capacity_factor: float = 0.0  # 0 = dropless; else each expert takes at most cf*N*k/E slots
-    moe_impl: str = "auto"        # auto (grouped on sm90+ CUDA, else loop) | grouped | loop | triton
-                                  # (triton: auto's matmuls + fast/triton_combine.py's kernel, CUDA)
-    # The paper's ablations (moe=clustered): False drops one part of the method.
-    compress: bool = True         # shared base + rank-r residuals; False: full separate experts
-    hierarchical: bool = True     # token -> cluster -> experts; False: flat top-k over all E
+    moe_impl: str = "auto"        # auto (grouped on sm90+ CUDA, else loop) | grouped | loop |
+                                  # triton (auto's matmuls + fast/triton_combine.py's kernel)
+    # clustering:
+    n_clusters: int = 2           # clusters per layer (G), each of n_experts / G experts
+    rank: int = 8                 # rank r of each expert's residual from its cluster's base
+    compress: bool = True         # shared base + rank-r residuals; false: full experts (ablation)
+    hierarchical: bool = True     # token -> cluster -> experts; false: flat top-k (ablation)
     cluster_scores: str = "prototype"  # stage-1 logits: prototype (a learned row per cluster,
                                   # the paper's) | experts (logsumexp of the members' logits)
     stats_rate: float = 0.05      # EMA rate of each expert's mean routed input (paper: 0.05)

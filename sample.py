@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from cli import load_model, parse_config, resolve_device
+from cli import load_model, parse_config, resolve_device, run
 from generate import generate
 from offload import PREDICT_AT, ClusterOffloader
 from quant import quantize_model
@@ -69,7 +69,7 @@ def prepare(model, cfg: SampleConfig, device: str, dtype: str):
     for flag, on in (("--int4", cfg.int4), ("--offload_budget", cfg.offload_budget > 0)):
         if on and not clustered:
             raise ValueError(f"{flag} needs a clustered checkpoint (train with --moe=clustered past "
-                             f"warmup_iters); {cfg.ckpt} holds moe={model.cfg.moe}, not clustered")
+                             f"burn_in); {cfg.ckpt} holds moe={model.cfg.moe}, not clustered")
     if cfg.int4:  # bases in the forward's dtype, so no cast per step
         quantize_model(model, base_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
     if cfg.offload_budget == 0:
@@ -136,8 +136,4 @@ def main(cfg: SampleConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        config = parse_config(SampleConfig, sys.argv[1:])
-        main(config)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    run(lambda argv: main(parse_config(SampleConfig, argv)), sys.argv[1:])

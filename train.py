@@ -3,7 +3,7 @@
 Owns: TrainConfig and its presets, the training loop (AdamW, warmup +
 cosine LR, clipping, accumulation, bf16 autocast, optional torch.compile, DDP under
 torchrun), writing log.jsonl, atomic checkpoints and exact resume, and the reclustering
-schedule (train as top-k for `warmup_iters`, then cluster + compress, then recluster every
+schedule (train as top-k for `burn_in`, then cluster + compress, then recluster every
 `recluster_interval`; the optimizer state follows the experts). What an eval interval
 records (val loss, tokens/s, MFU, load CV) is train_log.py's; the helpers every entry point
 shares (flag parsing, devices, checkpoints) live in cli.py.
@@ -14,92 +14,105 @@ gradients; ep_state.py reclusters (gather, regroup, re-slice, optimizer state in
 gathers full checkpoints. Every rank evaluates then; load CV is over rank 0's tokens, and
 the parameter counts in log.jsonl are one rank's (its slice of each bank).
 """
-import json
-import math
 import os
-import sys
-import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
+# slowed each step 1.4x (docs/results.md, first run). Read once, before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from dataclasses import asdict, dataclass, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from cli import CheckpointError, load_model, parse_config, resolve_device, save_atomic
+from cli import UsageError, load_model, parse_config, resolve_device, run, save_atomic
 from cluster import Recluster, carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
-from train_log import Interval, close_interval, evaluate, startup_summary, trim_logs
+from train_log import (Interval, close_interval, evaluate, recluster_line, sample_text,
+                       startup_summary, trim_logs)
 
 
-# Named model sizes; explicit --field=value flags win over a preset's values.
+# Named sizes; explicit --field=value flags win over a preset's values. Each carries the
+# learning rate measured best for it (docs/results.md, baselines).
+SMALL = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, ffn_hidden=768, n_experts=32,
+             top_k=2, n_clusters=8, rank=16, batch_size=32, max_iters=1000, burn_in=200,
+             recluster_interval=100, warmup_iters=50, eval_interval=100, eval_iters=20,
+             lr=1e-3, min_lr=1e-4)
 PRESETS = {
+    # The size of the quality tables: dense, top-k and clustered all did best at lr 1e-3.
+    "small": SMALL,
     # The paper's setting (12 layers, d=768, E=32, G=8, r=16, top-2). It does not state the
     # expert width; ffn_hidden=1536 is our choice: top-k then holds 0.97B parameters, near
     # the paper's 875M Switch top-2, and the dense baseline (2 x 1536) is GPT-2 small.
-    "paper": dict(n_layer=12, n_head=12, n_embd=768, n_experts=32, n_clusters=8, rank=16,
-                  top_k=2, ffn_hidden=1536),
+    "paper": {**SMALL, "n_layer": 12, "n_head": 12, "n_embd": 768, "ffn_hidden": 1536,
+              "lr": 3e-4, "min_lr": 3e-5},
 }
-
-
 CLUSTER_MODES = ("dynamic", "static", "random")
+RUN_FILES = ("ckpt.pt", "log.jsonl", "reclusters.jsonl", "config.json", "diverged.json")
 
 
 @dataclass
 class TrainConfig(GPTConfig):
-    """Every model.GPTConfig field (model shape, routing, moe_impl) plus the training ones.
-    One model default differs for training: the clustered model."""
-    moe: str = "clustered"
-    preset: str = ""               # '' | a key of PRESETS; applied by parse_config
-    # data and I/O
-    dataset: str = "shakespeare"   # shakespeare | wikitext103 | folders/zips of .txt, comma-separated
-                                   # (a folder of zips means all of them)
-    val_split: str = "auto"        # auto | tail | documents (text collections; see data.py)
-    data_dir: str = "data"
-    out_dir: str = "out"
-    resume: bool = False
-    seed: int = 1337
+    """Every model.GPTConfig field plus the training ones. The defaults are a quick run (a
+    few minutes on a CPU) of the method itself, the clustered model."""
+    # model:
+    moe: str = "clustered"         # the feed-forward: dense | topk | clustered
+    preset: str = ""               # small | paper: a size from PRESETS (flags given win)
+    # clustering:
+    burn_in: int = 100             # train as a top-k MoE this long, then cluster + compress
+    recluster_interval: int = 100  # iterations between reclusters after that
+    cluster_mode: str = "dynamic"  # dynamic (recluster every interval) | static (cluster once,
+                                   # after burn_in) | random (equal random groups, never regrouped)
+    alpha: float = 0.7             # weight of the parameter view vs the activation view
+    similarity: str = "specific+scores"  # PARAM+ACT views of the expert similarity (cluster.py)
+    min_gain: float = 0.01         # keep the groups unless regrouping gains this much similarity
+    kmeans_restarts: int = 8       # k-means++ restarts beside the warm start
+    shock_iters: int = 10          # val batches scored just before and after each recluster
+                                   # (its shock, in reclusters.jsonl); 0 = not measured
+    # data:
+    dataset: str = "shakespeare"   # shakespeare (shipped) | wikitext103 (downloaded) | folders or
+                                   # .zip files of .txt, comma-separated
+    val_split: str = "auto"        # auto | tail | documents: what text collections hold out
+    data_dir: str = "data"         # where prepared tokens are kept
+    # training:
+    batch_size: int = 8            # sequences per micro-batch
+    grad_accum: int = 1            # micro-batches per optimizer step
+    max_iters: int = 300           # optimizer steps
+    lr: float = 2e-3               # peak learning rate (AdamW)
+    min_lr: float = 2e-4           # the cosine schedule's floor
+    warmup_iters: int = 20         # linear LR warmup
+    lr_decay_iters: int = 0        # 0 = max_iters; set it to stop early yet keep the schedule
+    weight_decay: float = 0.1      # AdamW's, on matrices only
+    grad_clip: float = 1.0         # global gradient norm limit (0 = off)
+    seed: int = 1337               # weights, batches and clustering
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     dtype: str = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
-    compile: bool = False
-    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (its own CUDA
-                                   # graphs of forward and backward) | max-autotune
-    cuda_graph: bool = False       # replay the whole train step (forward, backward, AdamW) from
-                                   # one CUDA graph (fast/train_graph.py); captured again after reclusters
+    compile: bool = False          # torch.compile the model
+    compile_mode: str = "default"  # default | reduce-overhead (torch's CUDA graphs of forward and
+                                   # backward) | max-autotune
+    cuda_graph: bool = False       # replay the whole train step from one CUDA graph
+                                   # (fast/train_graph.py; dense and top-k, not compiled)
     expert_parallel: int = 1       # ranks that split each MoE layer's experts (torchrun; 1 = off)
-    # clustering schedule (moe=clustered); the paper's settings
-    warmup_iters: int = 200        # train as top-k MoE this long (burn-in), then cluster + compress
-    recluster_interval: int = 100
-    cluster_mode: str = "dynamic"  # dynamic (recluster every interval) | static (cluster once at
-                                   # warmup_iters) | random (equal random groups, never regrouped)
-    alpha: float = 0.7             # weight of parameter vs activation similarity
-    similarity: str = "specific+scores"  # PARAM+ACT views, see cluster.py
-    min_gain: float = 0.01         # keep the groups unless regrouping gains this much similarity
-    kmeans_restarts: int = 8
-    shock_iters: int = 10          # val batches scored just before and after each recluster
-                                   # (the recluster shock in reclusters.jsonl); 0 = not measured
-    # optimization
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_iters: int = 1000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    lr_warmup: int = 50
-    lr_decay_iters: int = 0        # 0 = max_iters; set it to stop early yet keep the schedule
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    # evaluation and logging
-    eval_interval: int = 100
-    eval_iters: int = 20
-    log_interval: int = 10
+    # logging:
+    out_dir: str = "out"           # log.jsonl, reclusters.jsonl, config.json and ckpt.pt go here
+    resume: bool = False           # continue the run in out_dir from its checkpoint
+    overwrite: bool = False        # start afresh in an out_dir that holds a run (its files go)
+    eval_interval: int = 50        # iterations between evaluations (and checkpoints)
+    eval_iters: int = 10           # validation batches per evaluation
+    log_interval: int = 10         # iterations between progress-bar updates (one host sync)
     ckpt_interval: int = 0         # iterations between checkpoints (0: at every eval); the last
                                    # iteration is always saved
-    final_ckpt: str = "full"       # what the last checkpoint keeps: full (optimizer state too, so
-                                   # --resume can extend the run) | weights (about 1/3 of the bytes
-                                   # with fp32 AdamW; enough to evaluate, fine-tune and sample)
+    final_ckpt: str = "full"       # full (optimizer state too, so --resume can extend the run) |
+                                   # weights (about 1/3 of the bytes: evaluate, fine-tune, sample)
+    sample_tokens: int = 60        # tokens generated from the trained model at the end (0 = none)
 
     def model_config(self) -> GPTConfig:
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
@@ -113,8 +126,8 @@ class TrainConfig(GPTConfig):
             (self.eval_interval >= 1 and self.eval_iters >= 1 and self.log_interval >= 1,
              "eval_interval, eval_iters and log_interval must be >= 1"),
             (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
-            (self.warmup_iters >= 0 and self.recluster_interval >= 1,
-             "warmup_iters must be >= 0 and recluster_interval >= 1"),
+            (self.burn_in >= 0 and self.recluster_interval >= 1,
+             "burn_in must be >= 0 and recluster_interval >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto|float32|bfloat16"),
             (self.cluster_mode in CLUSTER_MODES, f"cluster_mode must be one of {CLUSTER_MODES}"),
             (self.kmeans_restarts >= 0, "kmeans_restarts must be >= 0"),
@@ -122,6 +135,8 @@ class TrainConfig(GPTConfig):
             (self.shock_iters >= 0 and self.ckpt_interval >= 0,
              "shock_iters and ckpt_interval must be >= 0"),
             (self.final_ckpt in ("full", "weights"), "final_ckpt must be full|weights"),
+            (self.sample_tokens >= 0, "sample_tokens must be >= 0"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
             (self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
              "compile_mode must be default|reduce-overhead|max-autotune"),
         ]
@@ -131,29 +146,26 @@ class TrainConfig(GPTConfig):
                 ("RANK" not in os.environ, "--cuda_graph runs in one process (not under torchrun)"),
                 (self.moe_impl != "loop", "--cuda_graph needs device-side grouped matmuls "
                  "(moe_impl=loop reads group sizes on the host)"),
+                (self.moe != "clustered", "--cuda_graph is not verified for the clustered model "
+                 "(its graphed training drifted from the eager run on an H200); dense and topk only"),
+                (not self.compile, "--cuda_graph with --compile did not capture on an H200; "
+                 "use one or the other"),
             ]
         if self.expert_parallel > 1:
-            rules += [
-                (self.moe in ("topk", "clustered"), "--expert_parallel needs a MoE (topk or clustered)"),
-                (self.moe != "clustered" or self.n_clusters % self.expert_parallel == 0,
-                 f"n_clusters ({self.n_clusters}) must be divisible by expert_parallel "
-                 f"({self.expert_parallel}): each rank holds whole clusters"),
-                (self.moe != "clustered" or not self.compress or self.hierarchical,
-                 "a compressed clustered model under expert parallelism needs hierarchical "
-                 "routing (one cluster, so one rank, per token)"),
-                (self.n_experts % self.expert_parallel == 0,
-                 f"n_experts ({self.n_experts}) must be divisible by expert_parallel "
-                 f"({self.expert_parallel})"),
-                (self.capacity_factor == 0, "expert parallelism is dropless: capacity_factor must be 0"),
-                ("RANK" in os.environ, "--expert_parallel > 1 needs torchrun (RANK is not set)"),
-            ]
+            from parallel.ep_state import config_rules  # machinery, loaded only when asked for
+            rules += config_rules(self)
         for ok, message in rules:
             if not ok:
                 raise ValueError(f"bad train config: {message}")
         data.check_dataset(self.dataset, self.val_split)
         parse_similarity(self.similarity)
-        if self.resume and not (Path(self.out_dir) / "ckpt.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {Path(self.out_dir) / 'ckpt.pt'}")
+        out = Path(self.out_dir)
+        if self.resume and not (out / "ckpt.pt").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not (self.resume or self.overwrite):
+            raise ValueError(f"{out} holds a run ({', '.join(held)}); pass --resume to continue it "
+                             f"or --overwrite to start over (its files are replaced)")
         return self
 
 
@@ -185,18 +197,18 @@ def set_lr(optimizer, lr: float) -> None:
 
 def lr_at(it: int, cfg: TrainConfig) -> float:
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if it < cfg.lr_warmup:
-        return cfg.lr * (it + 1) / cfg.lr_warmup
-    progress = min(1.0, (it - cfg.lr_warmup) / max(1, decay_iters - cfg.lr_warmup))
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / cfg.warmup_iters
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def recluster_due(it: int, cfg: TrainConfig) -> bool:
-    if cfg.moe != "clustered" or it < cfg.warmup_iters:
+    if cfg.moe != "clustered" or it < cfg.burn_in:
         return False
     if cfg.cluster_mode != "dynamic":
-        return it == cfg.warmup_iters
-    return (it - cfg.warmup_iters) % cfg.recluster_interval == 0
+        return it == cfg.burn_in
+    return (it - cfg.burn_in) % cfg.recluster_interval == 0
 
 
 def rng_state(batch_gen: torch.Generator) -> dict:
@@ -312,11 +324,16 @@ def make_strategy(cfg: TrainConfig) -> OneProcess:
 
 def load_data(cfg: TrainConfig, strategy: OneProcess):
     """Rank 0 prepares (downloads, tokenizes) while the others wait; all then memory-map."""
+    def prepare():
+        try:
+            return data.prepare(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
+        except (OSError, RuntimeError) as error:  # a download, a disk: the user's to fix
+            raise UsageError(f"preparing {cfg.dataset}: {error}") from None
     if strategy.master:
-        folder = data.prepare(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
+        folder = prepare()
     if strategy.world > 1:
         dist.barrier()
-        folder = data.prepare(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
+        folder = prepare()
     return data.load_split(folder, "train"), data.load_split(folder, "val"), data.read_meta(folder)
 
 
@@ -375,6 +392,7 @@ def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, out_d
                                 "val_loss_before": before, "val_loss_after": after,
                                 "shock": None if before is None else after - before,
                                 "membership": membership}) + "\n")
+        tqdm.write(recluster_line(it, result, before, after))
     return result
 
 
@@ -385,9 +403,12 @@ def train(cfg: TrainConfig) -> dict:
     device, dtype, master = strategy.device, strategy.dtype, strategy.master
     torch.manual_seed(cfg.seed + strategy.rank)
     out_dir = Path(cfg.out_dir)
+    train_tokens, val_tokens, meta = load_data(cfg, strategy)  # a bad dataset stops us here
     if master:
+        if cfg.overwrite:  # the old run's files go, so two runs' logs never mix
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-    train_tokens, val_tokens, meta = load_data(cfg, strategy)
 
     # Model, optimizer and RNG streams (all ranks): fresh, or exactly where the checkpoint
     # left them. Each rank has its own streams (a checkpoint from another world size: rank 0's).
@@ -498,12 +519,13 @@ def train(cfg: TrainConfig) -> dict:
                              "config": asdict(cfg), "iter": it + 1, "rng": rngs[0],
                              "rng_ranks": rngs}, out_dir / "ckpt.pt")
             interval.reset()
+    if cfg.sample_tokens and (master or strategy.everyone_evaluates):  # EP: each forward needs every rank
+        text = sample_text(model, cfg, device, autocast)
+        if master:
+            print(text)
     strategy.close()
     return record
 
 
 if __name__ == "__main__":
-    try:
-        train(parse_config(TrainConfig, sys.argv[1:], PRESETS).validate())
-    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError) as error:
-        sys.exit(f"error: {error}")
+    run(lambda argv: train(parse_config(TrainConfig, argv, PRESETS).validate()), sys.argv[1:])

@@ -145,3 +145,29 @@ def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1) 
         + (", smaller once clustered" if cfg.moe == "clustered" else "") + ")",
     ]
     return "\n".join(lines)
+
+
+def recluster_line(it: int, result, before, after) -> str:
+    """One printed line per recluster event."""
+    what = "first clustering" if not result.skipped and result.moved == 0 and before is None \
+        else "recluster"
+    kept = sum(result.skipped)
+    shock = "" if before is None else f", val loss {before:.3f} -> {after:.3f}"
+    return (f"{what} at iteration {it}: {result.moved} experts moved, similarity gain "
+            f"{min(result.gain):.3f}-{max(result.gain):.3f} over {len(result.gain)} layers"
+            f"{f', {kept} kept their groups' if kept else ''}{shock}, {result.seconds:.1f} s")
+
+
+@torch.no_grad()
+def sample_text(model, cfg, device, autocast, prompt: str = "\n") -> str:
+    """A short sample from the trained model (temperature 0.8, top 200 tokens, seeded)."""
+    from generate import generate   # generation is sample.py's; only this taste is train.py's
+    enc = data.get_encoding()
+    idx = torch.tensor([enc.encode(prompt)], device=device)
+    model.eval()
+    with autocast:
+        out = generate(model, idx, cfg.sample_tokens, 0.8, 200,
+                       torch.Generator(device=device).manual_seed(cfg.seed))
+    model.train()
+    text = enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])
+    return f"sample ({cfg.sample_tokens} tokens):\n{text.strip()}\n"

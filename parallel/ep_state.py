@@ -10,6 +10,7 @@ Also `ExpertParallel`, the training loop's strategy for it (train.py's hooks: pa
 the model, sync and clip gradients, recluster, gather checkpoints).
 Does not own: the layer, placement or the exchange (ep.py), the regrouping (cluster.py).
 """
+import os
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -131,6 +132,24 @@ def shard_optimizer_state(state: dict, optimizer, shards: list, ep_group) -> dic
         if i in state["state"]:
             state["state"][i] = _rows_of(state["state"][i], me, size)
     return state
+
+
+def config_rules(cfg) -> list[tuple[bool, str]]:
+    """train.TrainConfig.validate's rules for --expert_parallel > 1: (holds, message)."""
+    size = cfg.expert_parallel
+    return [
+        (cfg.moe in ("topk", "clustered"), "--expert_parallel needs a MoE (topk or clustered)"),
+        (cfg.moe != "clustered" or cfg.n_clusters % size == 0,
+         f"n_clusters ({cfg.n_clusters}) must be divisible by expert_parallel ({size}): each "
+         f"rank holds whole clusters"),
+        (cfg.moe != "clustered" or not cfg.compress or cfg.hierarchical,
+         "a compressed clustered model under expert parallelism needs hierarchical routing "
+         "(one cluster, so one rank, per token)"),
+        (cfg.n_experts % size == 0,
+         f"n_experts ({cfg.n_experts}) must be divisible by expert_parallel ({size})"),
+        (cfg.capacity_factor == 0, "expert parallelism is dropless: capacity_factor must be 0"),
+        ("RANK" in os.environ, "--expert_parallel > 1 needs torchrun (RANK is not set)"),
+    ]
 
 
 class ExpertParallel(DataParallel):

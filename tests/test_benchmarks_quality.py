@@ -59,7 +59,7 @@ def test_a_run_cut_short_resumes_from_its_checkpoint(tmp_path):
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_a_diverged_run_is_a_result_not_a_failure(tmp_path, parallel):
     from benchmarks.quality import run_variants
-    base = TrainConfig(**{**TINY, "max_iters": 6, "eval_interval": 3, "log_interval": 1, "lr_warmup": 1},
+    base = TrainConfig(**{**TINY, "max_iters": 6, "eval_interval": 3, "log_interval": 1, "warmup_iters": 1},
                        data_dir=str(tmp_path / "data"))
     rows = run_variants(base, {"calm": {}, "wild": {"lr": 1e4, "min_lr": 1e3}}, 2, tmp_path / "g",
                         parallel, speed=False)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_SST2 = Path(__file__).resolve().parents[2] / "shared/data/glue/SST-2"
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=32", "--n_experts=4",
         "--n_clusters=2", "--rank=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
-        "--device=cpu", "--lr_warmup=2", "--lr=3e-3"]
+        "--device=cpu", "--warmup_iters=2", "--lr=3e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def ckpts(tmp_path_factory):
     """{'clustered': path, 'dense': path}: a few iterations each on Tiny Shakespeare."""
     root = tmp_path_factory.mktemp("pretrain")
     paths = {}
-    for moe, extra in [("clustered", ["--warmup_iters=2", "--recluster_interval=100"]),
+    for moe, extra in [("clustered", ["--burn_in=2", "--recluster_interval=100"]),
                        ("dense", [])]:
         train.train(parse_config(TrainConfig, TINY + [
             f"--moe={moe}", "--max_iters=6", "--eval_interval=6", f"--data_dir={root / 'data'}",
@@ -295,7 +295,7 @@ def test_errors_before_any_work(ckpts, tmp_path):
         run(tmp_path / "missing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
         run(corrupt)
     ckpt = torch.load(ckpts["clustered"], weights_only=True)
     ckpt["config"]["n_embd"] = 64  # the weights stay n_embd=32

@@ -13,7 +13,7 @@ from train import TrainConfig, parse_config
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=32", "--n_experts=4",
         "--n_clusters=2", "--rank=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
-        "--device=cpu", "--lr_warmup=2", "--lr=3e-3"]
+        "--device=cpu", "--warmup_iters=2", "--lr=3e-3"]
 
 
 def _cfg(tmp_path, *extra):
@@ -22,7 +22,7 @@ def _cfg(tmp_path, *extra):
 
 
 def test_clustered_training_loss_falls(tmp_path):
-    cfg = _cfg(tmp_path, "--max_iters=40", "--eval_interval=10", "--warmup_iters=10",
+    cfg = _cfg(tmp_path, "--max_iters=40", "--eval_interval=10", "--burn_in=10",
                "--recluster_interval=10")
     train.train(cfg)
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
@@ -37,7 +37,7 @@ def test_clustered_training_loss_falls(tmp_path):
 
 @pytest.mark.parametrize("moe,balance", [("topk", "aux"), ("topk", "bias"), ("clustered", "bias")])
 def test_resume_equals_uninterrupted(tmp_path, moe, balance):
-    schedule = [f"--moe={moe}", "--eval_interval=4", "--warmup_iters=2", f"--balance={balance}",
+    schedule = [f"--moe={moe}", "--eval_interval=4", "--burn_in=2", f"--balance={balance}",
                 "--recluster_interval=3", "--lr_decay_iters=8", "--dropout=0.1", "--bias_rate=0.01"]
     train.train(_cfg(tmp_path / "a", "--max_iters=8", *schedule))
     train.train(_cfg(tmp_path / "b", "--max_iters=4", *schedule))
@@ -70,7 +70,7 @@ def test_config_errors_before_any_work(tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
         train.load_model(bad)
 
 
@@ -142,7 +142,7 @@ def test_final_weights_only_checkpoint_is_smaller_and_cannot_resume(tmp_path):
 
 
 def test_resume_drops_what_was_logged_after_the_checkpoint(tmp_path):
-    schedule = ["--moe=clustered", "--eval_interval=4", "--warmup_iters=2", "--recluster_interval=2"]
+    schedule = ["--moe=clustered", "--eval_interval=4", "--burn_in=2", "--recluster_interval=2"]
     train.train(_cfg(tmp_path, "--max_iters=4", *schedule))
     out = tmp_path / "out"
     # A run that logged iteration 8 and a recluster at 4, then died before its checkpoint.

@@ -13,8 +13,8 @@ from train import TrainConfig, parse_config
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--ffn_hidden=64", "--n_experts=8",
         "--n_clusters=2", "--rank=4", "--block_size=64", "--batch_size=4", "--eval_iters=2",
-        "--device=cuda", "--lr_warmup=2", "--lr=3e-3", "--max_iters=14", "--eval_interval=7",
-        "--warmup_iters=4", "--recluster_interval=4", "--grad_accum=2", "--balance=bias",
+        "--device=cuda", "--warmup_iters=2", "--lr=3e-3", "--max_iters=14", "--eval_interval=7",
+        "--burn_in=4", "--recluster_interval=4", "--grad_accum=2", "--balance=bias",
         "--bias_rate=0.01"]
 
 
