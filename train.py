@@ -85,7 +85,7 @@ class TrainConfig(GPTConfig):
     # training:
     batch_size: int = 8            # sequences per micro-batch
     grad_accum: int = 1            # micro-batches per optimizer step
-    max_iters: int = 300           # optimizer steps
+    max_iters: int = 250           # optimizer steps
     lr: float = 2e-3               # peak learning rate (AdamW)
     min_lr: float = 2e-4           # the cosine schedule's floor
     warmup_iters: int = 20         # linear LR warmup
@@ -105,8 +105,8 @@ class TrainConfig(GPTConfig):
     out_dir: str = "out"           # log.jsonl, reclusters.jsonl, config.json and ckpt.pt go here
     resume: bool = False           # continue the run in out_dir from its checkpoint
     overwrite: bool = False        # start afresh in an out_dir that holds a run (its files go)
-    eval_interval: int = 50        # iterations between evaluations (and checkpoints)
-    eval_iters: int = 10           # validation batches per evaluation
+    eval_interval: int = 20        # iterations between evaluations (and checkpoints)
+    eval_iters: int = 5            # validation batches per evaluation
     log_interval: int = 10         # iterations between progress-bar updates (one host sync)
     ckpt_interval: int = 0         # iterations between checkpoints (0: at every eval); the last
                                    # iteration is always saved

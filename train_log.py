@@ -149,8 +149,7 @@ def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1) 
 
 def recluster_line(it: int, result, before, after) -> str:
     """One printed line per recluster event."""
-    what = "first clustering" if not result.skipped and result.moved == 0 and before is None \
-        else "recluster"
+    what = "first clustering" if result.created else "recluster"
     kept = sum(result.skipped)
     shock = "" if before is None else f", val loss {before:.3f} -> {after:.3f}"
     return (f"{what} at iteration {it}: {result.moved} experts moved, similarity gain "

@@ -3,7 +3,7 @@ Used by bench.py (`--sections=decode`) through `bench_decode(cfg, device, out)`.
 
 Owns: the decode benchmark. Batch 1, `NEW_TOKENS` sampled (temperature 1, fixed seed) after a
 random `PROMPT_TOKENS` prompt, prefill included in the time, median of `REPEATS` runs after
-one warm-up run. Rows, for one size (train.py's default, or the paper's with --preset=paper):
+one warm-up run. Rows, for the size of --preset (train.PRESETS):
   dense (no KV cache)   the reference generate, re-running the context every token
   dense, topk, clustered, clustered+int4          with the KV cache, weights resident, eager
   clustered+int4+offload NN%                      expert weights in CPU memory, a budget
@@ -63,11 +63,11 @@ def _workload(cfg):
 
 def _config(cfg, moe: str, preset: str, window: int) -> TrainConfig:
     """train.py's model at `preset`; tiny under --smoke (two layers, so one is predicted)."""
-    tc = TrainConfig(moe=moe, seed=cfg.seed, **PRESETS.get(preset, {}))
+    tc = TrainConfig(**{**PRESETS.get(preset, {}), "moe": moe, "seed": cfg.seed})
     if cfg.smoke:
         tc.n_layer, tc.n_head, tc.n_embd, tc.ffn_hidden, tc.vocab_size = 2, 2, 32, 64, 256
-        tc.n_experts, tc.n_clusters, tc.rank = cfg.n_experts, cfg.n_clusters, cfg.rank
-    # Past block_size every step re-prefills the window (model.generate: learned absolute
+        tc.n_experts, tc.n_clusters, tc.rank = 8, 2, 4
+    # Past block_size every step re-prefills the window (generate.generate: learned absolute
     # positions), so the window is made long enough for prompt + new tokens.
     tc.block_size = max(tc.block_size, window)
     return tc
@@ -221,7 +221,7 @@ def bench_decode(cfg, device, out=None) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # One size per run: at the paper's size the eight variants take minutes (decoding is a
     # host-bound loop of small kernels), so the default size is its own run.
-    sizes = [("paper", "paper")] if cfg.preset == "paper" else [("default", "")]
+    sizes = [(cfg.preset or "quick", cfg.preset)]
     rows = [row for size, preset in sizes for row in _size_rows(cfg, size, preset, device, dtype)]
     path = getattr(cfg, "decode_ckpt", "")
     if path:

@@ -66,7 +66,8 @@ def _events():
 
 
 def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> dict:
-    tc = TrainConfig(moe=moe, dropout=0.0, seed=0, batch_size=cfg.batch_size, **PRESETS.get(cfg.preset, {}))
+    tc = TrainConfig(**{**PRESETS.get(cfg.preset, {}), "moe": moe, "dropout": 0.0, "seed": 0,
+                        "batch_size": cfg.batch_size})
     tc.block_size = cfg.block_size or tc.block_size
     if cfg.tiny:
         tc.n_layer, tc.n_head, tc.n_embd, tc.ffn_hidden, tc.vocab_size = 2, 2, 32, 64, 512

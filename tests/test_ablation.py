@@ -8,7 +8,7 @@ import train
 from experts import ClusteredBank, ExpertBank
 from train import TrainConfig, load_model
 
-TINY = dict(n_layer=2, n_head=2, n_embd=32, ffn_hidden=32, n_experts=8, n_clusters=2, rank=2,
+TINY = dict(sample_tokens=0, n_layer=2, n_head=2, n_embd=32, ffn_hidden=32, n_experts=8, n_clusters=2, rank=2,
             block_size=32, batch_size=4, eval_iters=1, device="cpu", warmup_iters=2, moe="clustered",
             max_iters=8, eval_interval=4, burn_in=2, recluster_interval=2)
 

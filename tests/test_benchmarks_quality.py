@@ -6,7 +6,7 @@ import pytest
 from benchmarks.quality import beyond_noise, finished, read_log, run_grid, summarize
 from train import TrainConfig
 
-TINY = dict(n_layer=1, n_head=2, n_embd=16, ffn_hidden=16, n_experts=4, n_clusters=2, rank=2,
+TINY = dict(sample_tokens=0, n_layer=1, n_head=2, n_embd=16, ffn_hidden=16, n_experts=4, n_clusters=2, rank=2,
             block_size=16, batch_size=2, eval_iters=1, eval_interval=2, max_iters=2, device="cpu",
             moe="topk")
 

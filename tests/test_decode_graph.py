@@ -152,7 +152,7 @@ def test_bench_decode_smoke_returns_every_row(tmp_path):
     cfg = bench.BenchConfig(smoke=True).shrink()
     # A trained checkpoint adds per-layer prediction accuracy on held-out text (untrained here).
     torch.manual_seed(0)
-    tc = TrainConfig(moe="clustered", data_dir=str(tmp_path / "data"), n_layer=3, n_head=2,
+    tc = TrainConfig(moe="clustered", sample_tokens=0, data_dir=str(tmp_path / "data"), n_layer=3, n_head=2,
                      n_embd=16, ffn_hidden=16, n_experts=4, n_clusters=2, rank=2, block_size=16)
     model = GPT(tc.model_config())
     recluster_model(model)

@@ -99,6 +99,7 @@ CLUSTERED = ["--moe=clustered", "--n_clusters=2", "--rank=2", "--burn_in=1",
 def _torchrun(out, *extra):
     args = ["--n_layer=2", "--n_head=2", "--n_embd=16", "--ffn_hidden=16", "--n_experts=4",
             "--block_size=16", "--batch_size=2", "--moe=topk", "--dropout=0", "--device=cpu",
+            "--sample_tokens=0",
             "--expert_parallel=2", "--eval_interval=2", "--eval_iters=1", "--warmup_iters=1",
             "--lr_decay_iters=4", "--lr=3e-3", f"--out_dir={out}", f"--data_dir={out.parent / 'data'}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",

@@ -22,7 +22,7 @@ from train import TrainConfig, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_SST2 = Path(__file__).resolve().parents[2] / "shared/data/glue/SST-2"
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=32", "--n_experts=4",
+TINY = ["--sample_tokens=0", "--n_layer=2", "--n_head=2", "--n_embd=32", "--ffn_hidden=32", "--n_experts=4",
         "--n_clusters=2", "--rank=2", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--device=cpu", "--warmup_iters=2", "--lr=3e-3"]
 

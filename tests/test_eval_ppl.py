@@ -16,7 +16,7 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = train.TrainConfig(moe="topk", n_layer=2, n_head=2, n_embd=32, ffn_hidden=32,
+    cfg = train.TrainConfig(moe="topk", sample_tokens=0, n_layer=2, n_head=2, n_embd=32, ffn_hidden=32,
                             n_experts=4, top_k=2, block_size=BLOCK, dropout=0.0)
     torch.manual_seed(0)
     model = GPT(cfg.model_config())

@@ -10,7 +10,7 @@ from model import GPT
 from quant import quantize_model
 from train import TrainConfig, parse_config
 
-TINY = dict(n_layer=2, n_head=2, n_embd=16, ffn_hidden=16, n_experts=4, n_clusters=2, rank=2,
+TINY = dict(sample_tokens=0, n_layer=2, n_head=2, n_embd=16, ffn_hidden=16, n_experts=4, n_clusters=2, rank=2,
             block_size=32)
 
 
