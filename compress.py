@@ -31,10 +31,10 @@ def low_rank(residual: torch.Tensor, rank: int, method: str = "randomized",
     and 5.1): Q = orth(A Omega) for a Gaussian Omega (b, r + oversample), refined by
     `power_iters` rounds of Q = orth(A orth(A^T Q)) (re-orthonormalised by QR each time,
     so the small directions survive float32), then the SVD of the small (r + p, b) matrix
-    Q^T A. Cost O(E a b (r + p)) instead of O(E a b min(a, b)); at E=32, 384x768, r=16 on two
-    CPU cores 0.11 s instead of 1.0-1.2 s, with an error within 1% of the exact tail
-    (tests/test_compress.py). When r + p reaches min(a, b) the sketch would be the whole
-    matrix, and the exact SVD runs instead. `seed` makes Omega, hence the result, repeatable.
+    Q^T A. Cost O(E a b (r + p)) instead of O(E a b min(a, b)), with an error within 1% of the
+    exact tail (tests/test_compress.py checks it). When r + p reaches min(a, b) the sketch
+    would be the whole matrix, and the exact SVD runs instead. `seed` makes Omega, hence the
+    result, repeatable.
     """
     if method not in ("svd", "randomized"):
         raise ValueError(f"method must be 'svd' or 'randomized', got {method!r}")
@@ -61,8 +61,8 @@ def factorize(weights: torch.Tensor, assignment: torch.Tensor, n_clusters: int, 
     The returned experts are in cluster-major `order`: row i of U/V is expert order[i],
     member of cluster i // m. With method="svd" the approximation error of expert e is the
     SVD tail sqrt(sum_{j>=r} s_j^2) of (W_e - base), the best any rank-r residual can do;
-    "randomized" (the default: the exact SVD of every (768 x 1536) residual made the paper
-    size's first recluster take 28 s) comes within 1% of it, see `low_rank`.
+    "randomized", the default because an exact SVD per expert is slow at large sizes, comes
+    within 1% of it, see `low_rank`.
     """
     n_experts, rows, cols = weights.shape
     if rank < 1 or rank > min(rows, cols):

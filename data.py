@@ -1,11 +1,10 @@
 """Text -> GPT-2 tokens -> uint16 memmaps, and the safe download/extract they rest on.
 
 Owns: the offline GPT-2 BPE (tiktoken Encoding built from assets/gpt2.tiktoken), dataset
-preparation (Tiny Shakespeare shipped in assets/, WikiText-103 raw downloaded and checked,
-or any folders / .zips of .txt files a user points at, with in-domain validation: the tail
-of every document, or whole documents when there are many), random training windows, and
-the generic `download` / `safe_extract` helpers that glue.py reuses for GLUE.
-Does not own: models, training, or GLUE's task formats (glue.py).
+preparation (Tiny Shakespeare shipped in assets/, WikiText-103 through download.py, or any
+folders / .zips of .txt files a user points at, with in-domain validation: the tail of every
+document, or whole documents when there are many), and random training windows.
+Does not own: downloads (download.py), models, training, GLUE's task formats (glue.py).
 
 Prepared layout, like nanoGPT: <data_dir>/<name>/{train,val[,test]}.bin (uint16 token ids,
 documents joined by <|endoftext|>) plus meta.json (token counts, sources' sha256, the
@@ -17,8 +16,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-import urllib.request
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
@@ -36,11 +33,6 @@ BPE_FILE = ASSETS / "gpt2.tiktoken"
 BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 SHAKESPEARE_FILE = ASSETS / "tinyshakespeare.txt.gz"
 EOT = 50256  # <|endoftext|>, also the document separator in every .bin
-
-# The author's mirror; the original S3 link is gone. Size and hash as published for the raw zip.
-WIKITEXT103_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
-WIKITEXT103_SHA256 = "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"
-WIKITEXT103_SPLITS = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test.raw"}
 
 # How each named dataset holds out validation; val_split applies to text collections only.
 NAMED_SPLITS = {"shakespeare": "tail", "wikitext103": "official"}
@@ -67,49 +59,6 @@ def sha256_file(path, chunk=1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def download(url: str, dest, sha256: str | None, desc: str | None = None) -> Path:
-    """Fetch url to dest through a temp file; check sha256 before the rename.
-
-    An interrupted or corrupt download leaves nothing at dest. An existing dest with the
-    right hash is reused. sha256=None skips the check (only for sources with no published hash).
-    """
-    dest = Path(dest)
-    if dest.exists() and (sha256 is None or sha256_file(dest) == sha256):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=desc or dest.name) as bar:
-                for block in iter(lambda: resp.read(1 << 20), b""):
-                    out.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise RuntimeError(f"checksum mismatch for {url}: got {digest.hexdigest()}, "
-                               f"expected {sha256}; nothing was kept")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def safe_extract(zip_path, target) -> list[Path]:
-    """Extract a zip, refusing members that are absolute or escape `target`."""
-    target = Path(target).resolve()
-    with zipfile.ZipFile(zip_path) as archive:
-        for name in archive.namelist():
-            resolved = (target / name).resolve()
-            if Path(name).is_absolute() or name.startswith(("/", "\\")) or \
-                    (resolved != target and target not in resolved.parents):
-                raise RuntimeError(f"refusing unsafe path in {zip_path}: {name!r}")
-        archive.extractall(target)
-        return [target / n for n in archive.namelist() if not n.endswith("/")]
 
 
 def _encode_chunk(texts: list[str]) -> np.ndarray:
@@ -147,16 +96,6 @@ def _write_split(folder: Path, tokens: dict[str, np.ndarray], meta: dict) -> Non
 
 
 # A WikiText article starts at a level-1 heading line " = Title = " (sections use " = = ").
-_ARTICLE_HEADING = re.compile(r"^ = [^=].* = $", re.M)
-
-
-def wikitext_articles(text: str) -> list[str]:
-    """Split raw WikiText into articles, so <|endoftext|> separates articles, not lines."""
-    starts = [m.start() for m in _ARTICLE_HEADING.finditer(text)] or [0]
-    starts[0] = 0
-    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)]) if text[a:b].strip()]
-
-
 def prepare_shakespeare(data_dir) -> Path:
     """Tiny Shakespeare (shipped): 90/10 train/val split of the one text, like nanoGPT."""
     folder = Path(data_dir) / "shakespeare"
@@ -169,25 +108,6 @@ def prepare_shakespeare(data_dir) -> Path:
     _write_split(folder, tokens, {"source": "tinyshakespeare", "val_split": "tail",
                                   "val_fraction": 0.1,
                                   "sha256": hashlib.sha256(text.encode()).hexdigest()})
-    return folder
-
-
-def prepare_wikitext103(data_dir, url: str = WIKITEXT103_URL,
-                        sha256: str = WIKITEXT103_SHA256) -> Path:
-    """Download (checked), extract, tokenize WikiText-103 raw into train/val/test .bin."""
-    folder = Path(data_dir) / "wikitext103"
-    if (folder / "meta.json").exists():
-        return folder
-    archive = download(url, Path(data_dir) / "downloads" / "wikitext-103-raw-v1.zip", sha256)
-    with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
-        files = {p.name: p for p in safe_extract(archive, tmp)}
-        tokens = {}
-        for split, name in WIKITEXT103_SPLITS.items():
-            if name not in files:
-                raise RuntimeError(f"{archive} has no {name}; is it the raw WikiText-103 zip?")
-            text = files[name].read_text(encoding="utf-8")
-            tokens[split] = encode_documents(wikitext_articles(text), desc=f"tokenize {split}")
-    _write_split(folder, tokens, {"source": url, "sha256": sha256, "val_split": "official"})
     return folder
 
 
@@ -359,7 +279,8 @@ def prepare(dataset: str, data_dir, val_split: str = "auto",
         return Path(dataset)
     if dataset == "shakespeare":
         return prepare_shakespeare(data_dir)
-    if dataset == "wikitext103":
+    if dataset == "wikitext103":  # fetched and checked: download.py, loaded only then
+        from download import prepare_wikitext103
         return prepare_wikitext103(data_dir)
     return prepare_text_collection([p.strip() for p in dataset.split(",") if p.strip()],
                                    data_dir, val_split, val_fraction)

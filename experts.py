@@ -3,7 +3,7 @@
 Owns: the grouped-matmul primitives (torch._grouped_mm on CUDA, a loop over groups as the
 portable fallback) and `resolve_matmul`, which turns `moe_impl` into the one function a bank
 calls; `ExpertBank` (E independent GELU MLPs, the top-k baseline) and `ClusteredBank` (per
-cluster a shared base, per expert rank-r residuals) with the forward DESIGN.md calls the hot
+cluster a shared base, per expert rank-r residuals) with the forward docs/design.md calls the hot
 path. Both banks take (x, routing[, weights]) and return (N, d).
 Does not own: routing (router.py), factorization math (compress.py), regrouping (cluster.py),
 initial values (model.init_weights: banks are created empty).

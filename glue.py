@@ -3,8 +3,8 @@
 Owns: one TaskSpec per task (folder, tsv columns, labels, metrics, eval splits, source url and
 sha256), parsing the release's tsv files into (text_a, text_b, label) examples, GPT-2 encoding
 of a sentence pair, the official metrics in plain numpy, and `fetch`, which downloads a task's
-data through data.download (temp file + sha256) and data.safe_extract.
-Does not own: the model, fine-tuning, or the CLI (eval_glue.py), nor generic downloading (data.py).
+data through download.download (temp file + sha256) and download.safe_extract.
+Does not own: the model, fine-tuning, or the CLI (eval_glue.py), nor generic downloading (download.py).
 
 Layout: `data_dir` is either a GLUE root holding <Folder>/ (SST-2/, CoLA/, ...) or one task's
 folder itself, named as in the release. Each split is <Folder>/<split>.tsv.
@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 import data
+import download
 
 GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/"
 # MRPC's dev split is the train pairs whose (#1 ID, #2 ID) is listed here.
@@ -196,9 +197,9 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 def _fetch_mrpc(spec: TaskSpec, folder: Path, downloads: Path, base_url: str | None) -> None:
     """Split SentEval's MRPC train file into GLUE's train.tsv / dev.tsv by the dev id list."""
-    train_txt = data.download(_source_url(spec.url, base_url),
+    train_txt = download.download(_source_url(spec.url, base_url),
                               downloads / "msr_paraphrase_train.txt", spec.sha256)
-    ids_tsv = data.download(_source_url(MRPC_DEV_IDS_URL, base_url),
+    ids_tsv = download.download(_source_url(MRPC_DEV_IDS_URL, base_url),
                             downloads / "mrpc_dev_ids.tsv", MRPC_DEV_IDS_SHA256)
     dev_ids = {tuple(line.split("\t")[:2]) for _, line in _lines(ids_tsv)}
     (_, header), *rows = _lines(train_txt)
@@ -217,8 +218,8 @@ def _fetch_mrpc(spec: TaskSpec, folder: Path, downloads: Path, base_url: str | N
 def fetch(task: str, data_dir, base_url: str | None = None) -> Path:
     """Make sure the task's split files exist under data_dir; download them if not.
 
-    Zips go through data.download (progress bar, sha256, temp name) into <root>/downloads/,
-    are extracted with data.safe_extract into a temporary folder next to the task folder, and
+    Zips go through download.download (progress bar, sha256, temp name) into <root>/downloads/,
+    are extracted with download.safe_extract into a temporary folder next to the task folder, and
     each file is moved into place with a rename, so an interrupted fetch never leaves a
     truncated split behind. The zip is deleted once installed (MNLI's is 300 MB).
     `base_url` replaces the host and path of every source url (tests use a loopback server).
@@ -232,11 +233,11 @@ def fetch(task: str, data_dir, base_url: str | None = None) -> Path:
     if spec.name == "mrpc":
         _fetch_mrpc(spec, folder, downloads, base_url)
         return folder
-    archive = data.download(_source_url(spec.url, base_url),
+    archive = download.download(_source_url(spec.url, base_url),
                             downloads / spec.url.rsplit("/", 1)[1], spec.sha256,
                             desc=f"GLUE {spec.folder}")
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".extract-") as tmp:
-        data.safe_extract(archive, tmp)
+        download.safe_extract(archive, tmp)
         extracted = Path(tmp) / spec.folder
         missing = [s for s in spec.splits if not (extracted / f"{s}.tsv").is_file()]
         if missing:

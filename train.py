@@ -19,17 +19,15 @@ import os
 # slowed each step 1.4x (docs/results.md, first run). Read once, before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
-from dataclasses import asdict, dataclass, fields  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
-import torch  # noqa: E402
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+import torch
 from tqdm import tqdm
 
 import data
@@ -105,8 +103,8 @@ class TrainConfig(GPTConfig):
     out_dir: str = "out"           # log.jsonl, reclusters.jsonl, config.json and ckpt.pt go here
     resume: bool = False           # continue the run in out_dir from its checkpoint
     overwrite: bool = False        # start afresh in an out_dir that holds a run (its files go)
-    eval_interval: int = 20        # iterations between evaluations (and checkpoints)
-    eval_iters: int = 5            # validation batches per evaluation
+    eval_interval: int = 15        # iterations between evaluations (and checkpoints)
+    eval_iters: int = 4            # validation batches per evaluation
     log_interval: int = 10         # iterations between progress-bar updates (one host sync)
     ckpt_interval: int = 0         # iterations between checkpoints (0: at every eval); the last
                                    # iteration is always saved
@@ -219,8 +217,9 @@ def rng_state(batch_gen: torch.Generator) -> dict:
 
 
 class OneProcess:
-    """How the loop runs on one device; DataParallel and ep_state.ExpertParallel change the
-    hooks they need. Each hook is what one process does at that point of the loop."""
+    """How the loop runs on one device; parallel/ddp.py's DataParallel and parallel/ep_state.py's
+    ExpertParallel change the hooks they need. Each hook is what one process does at that
+    point of the loop."""
     rank, world, master, everyone_evaluates = 0, 1, True, False
 
     def __init__(self, device: str, dtype: str):
@@ -260,66 +259,19 @@ class OneProcess:
     def all_rngs(self, rng: dict) -> list:
         return [rng]
 
+    def barrier(self):
+        pass
+
     def close(self):
         pass
 
 
-class DataParallel(OneProcess):
-    """DDP under torchrun: every rank holds the whole model and its own batches; gradients
-    are averaged on the last micro-batch of a step."""
-    def __init__(self, device: str, dtype: str):
-        super().__init__(device, dtype)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.master = self.rank == 0
-
-    def wrap(self, model):
-        return DDP(model, device_ids=[self.device] if self.device.startswith("cuda") else None)
-
-    def no_sync(self, runner, last_micro: bool):
-        return nullcontext() if last_micro else runner.no_sync()
-
-    def sum_over_ranks(self, tensors: list):
-        flat = torch.cat([t.flatten() for t in tensors])
-        dist.all_reduce(flat)
-        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(part.view_as(t))
-
-    def recluster(self, model, optimizer, **kwargs) -> Recluster:
-        # Every rank regroups from rank 0's statistics, so every replica regroups alike.
-        for layer in model.moe_layers():
-            for buf in layer.buffers():
-                dist.broadcast(buf, 0)
-        return self._regroup(model, optimizer, **kwargs)
-
-    def _regroup(self, model, optimizer, **kwargs) -> Recluster:
-        return OneProcess.recluster(self, model, optimizer, **kwargs)
-
-    def all_rngs(self, rng: dict) -> list:
-        rngs = [None] * self.world
-        dist.all_gather_object(rngs, rng)
-        return rngs
-
-    def close(self):
-        dist.destroy_process_group()
-
-
 def make_strategy(cfg: TrainConfig) -> OneProcess:
-    """One process, or (launched by torchrun: RANK is set) DDP or expert parallelism: gloo
-    on --device=cpu, else NCCL with one GPU per process."""
-    if int(os.environ.get("RANK", -1)) == -1:
+    """One process, or (launched by torchrun: RANK is set) DDP or expert parallelism."""
+    if "RANK" not in os.environ:
         return OneProcess(*resolve_device(cfg.device, cfg.dtype))
-    if cfg.device == "cpu":
-        dist.init_process_group("gloo")
-        device = "cpu"
-    else:
-        dist.init_process_group("nccl")
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    dtype = resolve_device("cpu" if device == "cpu" else "cuda", cfg.dtype)[1]
-    if cfg.expert_parallel > 1:
-        from parallel.ep_state import ExpertParallel  # machinery, loaded only when asked for
-        return ExpertParallel(device, dtype, cfg.expert_parallel)
-    return DataParallel(device, dtype)
+    from parallel.ddp import start     # several processes: machinery, loaded only then
+    return start(cfg)
 
 
 def load_data(cfg: TrainConfig, strategy: OneProcess):
@@ -332,7 +284,7 @@ def load_data(cfg: TrainConfig, strategy: OneProcess):
     if strategy.master:
         folder = prepare()
     if strategy.world > 1:
-        dist.barrier()
+        strategy.barrier()
         folder = prepare()
     return data.load_split(folder, "train"), data.load_split(folder, "val"), data.read_meta(folder)
 

@@ -24,8 +24,8 @@ their routing is not a trained model's, so with `decode_ckpt` set on the config 
 checkpoint adds rows with per-layer prediction accuracy on its held-out text, for each place
 the guess is made (offload.PREDICT_AT): a prefill of val windows (every token scored) and a
 decode from a val prompt.
-Does not own: the model, the cache of clusters or the timing helper (model.py, offload.py,
-bench_layers.timed); bench.py owns BenchConfig and the printed tables.
+Does not own: the model, generation, the cache of clusters or the timing helper (model.py,
+generate.py, offload.py, layers.timed); bench.py owns BenchConfig and the printed tables.
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""One FFN layer, timed: DESIGN.md's hot-path table.  Used by bench.py (--sections=layers,profile).
+"""One FFN layer timed (docs/design.md's hot-path table), and one whole model timed alone.
 
 Owns: `timed` (CUDA events, warm-up, median of repeats; perf_counter on CPU) and the
 helpers every bench section uses (`free_memory`, `peak_mib`, `build_model`), the layer
@@ -8,9 +8,8 @@ forward+backward timing, optionally torch.compile'd, and a torch.profiler table 
 kernels that dominate each grouped layer.
 Also `train_speed`: one whole model's train step timed alone (bench.py's models section,
 and the per-variant speed of a grid whose runs shared the GPU).
-Does not own: the setting itself (bench.BenchConfig: tokens, n_embd, ffn_hidden,
-n_experts, top_k, n_clusters, rank, repeats, warmup, seed, compile_layers) or the tables
-of whole models (bench.py).
+Does not own: the setting (bench.BenchConfig: tokens, repeats, warmup, seed, compile_layers;
+the layer's shape is its --preset's) or the tables of whole models (sections.py).
 """
 import gc
 import math
@@ -66,7 +65,7 @@ def train_speed(tc, device, repeats: int = 20, warmup: int = 5, peak: float | No
     tc.cuda_graph) on random tokens -> train tokens/s, peak MiB, MFU (model FLOPs over `peak`
     FLOP/s, None without one), parameters, and for clustered models the first clustering's
     seconds."""
-    from train import OneProcess, build_optimizer, train_step  # bench_layers sits below train
+    from train import OneProcess, build_optimizer, train_step
     from train_log import Interval
     free_memory(device)
     timings = {}

@@ -1,14 +1,14 @@
 """Quality runs for bench.py: a declared grid of (variant, seed) trainings and their summary.
 
 Owns: running train.py once per (variant, seed) -- in-process one after another, or as
-`parallel` subprocesses sharing one GPU (a default-size model leaves most of an H100 idle,
-so quality runs overlap well; their tokens/s then mean nothing and bench.py takes speed from
-its `models` section instead) -- skipping runs whose log already reaches the last iteration,
-so a bench cut short resumes where it stopped; held-out routing statistics of a trained
+`parallel` subprocesses sharing one GPU (a small model leaves most of a GPU idle, so quality
+runs overlap well; their tokens/s then mean nothing and bench.py takes speed from its
+`models` section instead) -- skipping finished runs and resuming those cut short from their
+checkpoint, so a bench stopped halfway picks up where it stopped; held-out routing statistics of a trained
 checkpoint; mean and spread over seeds, and the noise test every quality claim goes through.
 Also the declared grids (GRIDS: the baseline study, the paper's ablations, the routing
 question), one dict of TrainConfig overrides per variant.
-Does not own: the sections or what is claimed (bench.py), training (train.py).
+Does not own: the sections (sections.py) or what is claimed (claims.py), training (train.py).
 """
 import json
 import math
@@ -307,7 +307,7 @@ def lr_sweep(base: TrainConfig, variants: dict[str, dict], lrs: list[float], swe
     return rows + finals
 
 
-# Declared grids of TrainConfig overrides, trained `seeds` times each (bench_quality.run_variants).
+# Declared grids of TrainConfig overrides, trained `seeds` times each (run_variants).
 GRIDS = {
     # The baselines, each tuned alike (bench.py's baseline section sweeps lr for every row):
     # dense of equal active width, top-k with either balancing, and the clustered model with

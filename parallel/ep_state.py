@@ -21,7 +21,7 @@ from cluster import Recluster, carry_optimizer_state, recluster
 from parallel import ep
 from parallel.ep import ExpertParallelMoE, gather_state
 from moe import MoE
-from train import DataParallel
+from parallel.ddp import DataParallel
 
 
 def full_state_dict(model) -> dict:

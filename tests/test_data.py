@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import download
 
 ARTICLES = " = Alpha = \n \n Alpha is a letter .\n = = History = = \n It is old .\n" \
            " = Beta = \n \n Beta follows \"alpha\" .\n"
@@ -54,25 +55,25 @@ def _wikitext_zip(path):
 def test_wikitext103_download_prepare_and_reuse(serve_dir, tmp_path):
     served, base = serve_dir
     sha = _wikitext_zip(served / "wt.zip")
-    folder = data.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256=sha)
+    folder = download.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256=sha)
     meta = json.loads((folder / "meta.json").read_text())
     enc = data.get_encoding()
     expected = []
-    for article in data.wikitext_articles(ARTICLES):
+    for article in download.wikitext_articles(ARTICLES):
         expected += enc.encode_ordinary(article) + [data.EOT]
-    assert len(data.wikitext_articles(ARTICLES)) == 2                # section heading kept inside
+    assert len(download.wikitext_articles(ARTICLES)) == 2                # section heading kept inside
     for split in ("train", "val", "test"):
         assert data.load_split(folder, split).tolist() == expected
     assert meta["sha256"] == sha and meta["tokens"]["val"] == len(expected)
     (served / "wt.zip").unlink()                                     # second run: no network
-    assert data.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256=sha) == folder
+    assert download.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256=sha) == folder
 
 
 def test_checksum_mismatch_leaves_nothing(serve_dir, tmp_path):
     served, base = serve_dir
     _wikitext_zip(served / "wt.zip")
     with pytest.raises(RuntimeError, match="checksum mismatch"):
-        data.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256="0" * 64)
+        download.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256="0" * 64)
     assert not list((tmp_path / "d" / "downloads").iterdir())
     assert not (tmp_path / "d" / "wikitext103" / "meta.json").exists()
 
@@ -82,7 +83,7 @@ def test_safe_extract_refuses_escaping_members(tmp_path):
     with zipfile.ZipFile(evil, "w") as z:
         z.writestr("../escape.txt", "x")
     with pytest.raises(RuntimeError, match="unsafe path"):
-        data.safe_extract(evil, tmp_path / "out")
+        download.safe_extract(evil, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
 
 

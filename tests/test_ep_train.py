@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from parallel import ep
 from cli import load_model
 from model import GPT, GPTConfig
-from train import DataParallel, TrainConfig, build_optimizer, parse_config
+from parallel.ddp import DataParallel
+from train import TrainConfig, build_optimizer, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(n_layer=2, n_head=2, n_embd=16, ffn_hidden=24, n_experts=4, top_k=2, block_size=16,
