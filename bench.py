@@ -1,7 +1,7 @@
 """The paper's comparison, measured: `python bench.py` (GPU), `python bench.py --smoke` (CPU).
 
-Owns: BenchConfig and the table of sections (name -> function; `--sections=a,b` picks them),
-each at the size of `--preset` (train.PRESETS, small by default):
+Owns: BenchConfig and running the sections (benchmarks/sections.py's table, name -> function;
+`--sections=a,b` picks them), each at the size of `--preset` (train.PRESETS, small by default):
   layers     one FFN layer forward + backward: dense, top-k and clustered, grouped and loop,
              optionally compiled, beside a minimal top-k as the yardstick (benchmarks/layers.py)
   profile    the CUDA kernels that dominate each MoE layer's step (benchmarks/layers.py)
@@ -26,11 +26,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import decode as bench_decode
-from benchmarks.claims import claims
-from benchmarks.layers import bench_layers, profile_layers
-from benchmarks.sections import (_quality_rows, bench_baseline, bench_grid, bench_inference,
-                                 bench_models, bench_quality, model_config)
 from cli import parse_config, run
 from train import PRESETS
 
@@ -53,8 +48,9 @@ class BenchConfig:
     batch_size: int = 16           # sequences per step (models, inference, trainings)
     model_blocks: str = ""         # models: block sizes, comma-separated ('' = the preset's)
     model_modes: str = "eager,compiled,graphed,reduce-overhead"  # models: how each train step
-                                   # runs (eager | compiled | graphed: replayed from one CUDA graph,
-                                   # fast/train_graph.py | reduce-overhead: torch's); CPU: eager
+                                   # runs (eager | compiled | graphed: eager kernels replayed from
+                                   # one CUDA graph, dense and top-k | reduce-overhead: torch's
+                                   # CUDA graphs of a compiled model); CPU: eager
     inference_sizes: str = "small,paper"  # inference: the presets it measures
     offload_clusters: int = 4      # inference: the offload budget, in cluster entries
     decode_ckpt: str = ""          # decode: a train.py checkpoint, for prediction accuracy on text
@@ -91,49 +87,9 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {
-    "layers": (lambda cfg, device, out: bench_layers(cfg, model_config(cfg, "clustered"), device),
-               lambda cfg, env: (lambda s: f"One FFN layer, forward+backward, {cfg.tokens} tokens, "
-                                 f"d={s.n_embd}, h={s.ffn_hidden}, E={s.n_experts}, top-{s.top_k}, "
-                                 f"G={s.n_clusters}, r={s.rank} ({env['device']}, torch {env['torch']}):")(
-                                     model_config(cfg, "clustered")),
-               ["layer", "ms", "tokens_per_sec", "speed_vs_topk", "ms_vs_minimal"]),
-    "profile": (lambda cfg, device, out: profile_layers(cfg, model_config(cfg, "clustered"), device),
-                None, None),
-    "models": (lambda cfg, device, out: bench_models(cfg, device),
-               lambda cfg, env: f"Whole models ({cfg.preset or 'default'} size, each alone, train = "
-                                f"fwd+bwd+AdamW, batch {cfg.batch_size}; {env['device']}):",
-               ["model", "mode", "block_size", "total_params", "active_params", "train_tokens_per_sec",
-                "speed_vs_topk", "mfu", "train_peak_mib", "first_recluster_s", "infer_tokens_per_sec",
-                "infer_vs_topk"]),
-    "inference": (lambda cfg, device, out: bench_inference(cfg, device),
-                  lambda cfg, env: f"Inference (prefill {cfg.batch_size} x block tokens, bf16 weights "
-                                   f"on CUDA; offload budget {cfg.offload_clusters} clusters):",
-                  ["size", "model", "infer_tokens_per_sec", "vs_resident", "peak_mib",
-                   "bytes_moved", "hits", "misses", "prefetches", "stalls", "hidden_fraction"]),
-    "quality": (bench_quality,
-                lambda cfg, env: f"Trainings on {cfg.dataset}, {cfg.train_iters} iterations x "
-                                 f"{cfg.batch_size} x block tokens each, {cfg.seeds} seeds (mean +- std):",
-                ["model", "val_ppl", "load_cv", "train_tokens_per_sec", "devices_per_token",
-                 "total_params", "expert_params"]),
-}
-SECTIONS["baseline"] = (bench_baseline,
-                        lambda cfg, env: f"Baselines on {cfg.dataset}, {cfg.preset or 'default'} size: "
-                                         f"an lr sweep (one seed), then each model at its best lr "
-                                         f"with {cfg.seeds} seeds, mean (std) ({env['device']}):",
-                        ["phase", "variant", "tokens", "val_ppl", "val_ppl_std", "load_cv",
-                         "heldout_load_cv", "vs_dense", "noise"])
-SECTIONS["decode"] = (bench_decode.bench_decode, bench_decode.title, bench_decode.COLUMNS)
-SECTIONS["ablation"] = (bench_grid("ablation"),
-                        lambda cfg, env: f"Ablations on {cfg.dataset}, {cfg.train_iters} iterations, "
-                                         f"{cfg.seeds} seeds, mean (std) ({env['device']}):",
-                        ["variant", "val_ppl", "val_ppl_std", "load_cv", "cluster_load_cv",
-                         "experts_moved", "shock", "train_tokens_per_sec", "glue", "glue_std"])
-SECTIONS["routing"] = (bench_grid("routing"), SECTIONS["ablation"][1], SECTIONS["ablation"][2])
-TABLE_ROWS = {"quality": _quality_rows}
-
-
 def main(cfg: BenchConfig) -> dict:
+    from benchmarks.claims import claims     # the sections are machinery, loaded here
+    from benchmarks.sections import SECTIONS, TABLE_ROWS
     if cfg.smoke:
         cfg.shrink()
     if cfg.preset not in ("", *PRESETS):
@@ -162,7 +118,7 @@ def main(cfg: BenchConfig) -> dict:
         save()
     results["claims"] = claims(results)
     try:
-        import plots
+        from benchmarks import plots
         results["plots"] = plots.make_all(results, out)
     except ImportError as error:
         print(f"plots skipped: {error} (pip install matplotlib)")

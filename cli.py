@@ -155,10 +155,14 @@ def load_checkpoint(path, device="cpu") -> dict:
     return ckpt
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", resume: bool = False):
     """-> (GPT with the checkpoint's weights and bank types, checkpoint dict). The checkpoint's
-    config holds model and training fields (train.TrainConfig); the model takes its own."""
+    config holds model and training fields (train.TrainConfig); the model takes its own.
+    resume: the checkpoint must hold optimizer state too."""
     ckpt = load_checkpoint(path, device)
+    if resume and ckpt.get("optimizer") is None:
+        raise UsageError(f"--resume: {path} holds weights only (final_ckpt=weights), no optimizer "
+                         f"state to resume from")
     model_fields = {f.name for f in fields(GPTConfig)}
     model = GPT(GPTConfig(**{k: v for k, v in ckpt["config"].items() if k in model_fields}))
     model.prepare_state_dict(ckpt["model"])
@@ -175,6 +179,47 @@ def state_bytes(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(state_bytes(v) for v in obj)
     return 0
+
+
+# The files a training run writes into its out_dir.
+RUN_FILES = ("ckpt.pt", "log.jsonl", "reclusters.jsonl", "config.json", "diverged.json")
+
+
+def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
+    """Before any work: --resume needs a checkpoint; a fresh run never lands on another's files."""
+    out = Path(out_dir)
+    if resume and not (out / "ckpt.pt").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not (resume or overwrite):
+        raise ValueError(f"{out} holds a run ({', '.join(held)}); pass --resume to continue it "
+                         f"or --overwrite to start over (its files are replaced)")
+
+
+def clear_out_dir(out_dir, overwrite: bool) -> None:
+    """Create out_dir; with --overwrite its old run's files go first, so logs never mix."""
+    for name in RUN_FILES if overwrite else ():
+        (Path(out_dir) / name).unlink(missing_ok=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+
+
+def rng_state(batch_gen: torch.Generator) -> dict:
+    """Every random stream a run draws from: torch's, CUDA's, and its batch generator."""
+    state = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(ckpt: dict, rank: int, world: int, batch_gen: torch.Generator, device: str):
+    """Put back rank `rank`'s streams from a checkpoint (rank 0's if it came from another
+    world size), so a resumed run draws exactly what the unbroken one would have."""
+    rngs = ckpt.get("rng_ranks", [])
+    rng = rngs[rank] if len(rngs) == world else ckpt["rng"]
+    torch.set_rng_state(rng["torch"].cpu())
+    batch_gen.set_state(rng["batches"].cpu())
+    if "cuda" in rng and device.startswith("cuda"):
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
 
 def save_atomic(obj, path: Path):

@@ -33,21 +33,21 @@ from cli import UsageError, load_model, parse_config, resolve_device, run
 
 @dataclass
 class GlueConfig:
-    ckpt: str = "out/ckpt.pt"
+    ckpt: str = "out/ckpt.pt"       # a train.py checkpoint
     task: str = "sst2"              # a GLUE task (glue.TASKS), a,b,c, 'all', or 'staged'
     data_dir: str = "data/glue"     # GLUE root holding SST-2/, CoLA/, ... or one task's folder
     download: bool = False          # fetch missing task data with glue.fetch (sha256-checked)
-    out: str = "glue_results.jsonl"
+    out: str = "glue_results.jsonl" # one JSON line per run, then a summary per task
     seed: int = 1337                # the runs use seed, seed+1, ..., seed+seeds-1
     seeds: int = 3                  # fine-tuning runs per task, each from the checkpoint
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     dtype: str = "auto"             # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
-    epochs: int = 3
+    epochs: int = 3                 # passes over each task's training set
     lr: float = 1e-4                # above BERT's 2e-5..5e-5: our checkpoints are small
-    batch_size: int = 32
-    eval_batch_size: int = 64
+    batch_size: int = 32            # training examples per step
+    eval_batch_size: int = 64       # dev examples per forward
     max_len: int = 128              # tokens per example, capped at the checkpoint's block_size
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01      # AdamW's, on matrices only
     warmup: float = 0.1             # fraction of the steps spent in linear warmup
     grad_clip: float = 1.0          # 0 = off
     max_train_examples: int = 0     # 0 = all; else a seeded random subset (quick runs)

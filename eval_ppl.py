@@ -26,7 +26,7 @@ from cli import load_model, parse_config, resolve_device, run
 
 @dataclass
 class PplConfig:
-    ckpt: str = "out/ckpt.pt"
+    ckpt: str = "out/ckpt.pt"      # a train.py checkpoint
     text: str = ""                 # the plain-text file to score (required)
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     batch_size: int = 8            # windows per forward pass

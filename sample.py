@@ -24,14 +24,14 @@ from quant import quantize_model
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/ckpt.pt"
-    prompt: str = "\n"
-    num_samples: int = 2
-    max_new_tokens: int = 200
+    ckpt: str = "out/ckpt.pt"    # a train.py checkpoint
+    prompt: str = "\n"           # the text the samples continue
+    num_samples: int = 2         # samples, one after another
+    max_new_tokens: int = 200    # tokens generated per sample
     temperature: float = 0.8     # 0 = greedy (argmax)
     top_k: int = 200             # 0 = no limit
-    seed: int = 1337
-    device: str = "auto"
+    seed: int = 1337             # the sampling generator's seed
+    device: str = "auto"         # auto | cpu | cuda | cuda:N
     dtype: str = "auto"          # auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     use_cache: bool = True       # KV cache; false re-runs the whole context every token
     int4: bool = False           # clustered checkpoints: store the expert banks INT4

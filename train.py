@@ -1,25 +1,18 @@
 """Train a dense, top-k MoE, or clustered MoE GPT.  `python train.py --help` lists the flags.
 
-Owns: TrainConfig and its presets, the training loop (AdamW, warmup +
-cosine LR, clipping, accumulation, bf16 autocast, optional torch.compile, DDP under
-torchrun), writing log.jsonl, atomic checkpoints and exact resume, and the reclustering
-schedule (train as top-k for `burn_in`, then cluster + compress, then recluster every
-`recluster_interval`; the optimizer state follows the experts). What an eval interval
-records (val loss, tokens/s, MFU, load CV) is train_log.py's; the helpers every entry point
-shares (flag parsing, devices, checkpoints) live in cli.py.
-
-Expert parallelism (`--expert_parallel=N` under torchrun, top-k or clustered): no DDP
-wrapper; ep.py splits each bank (experts, or whole clusters) over groups of N ranks and syncs
-gradients; ep_state.py reclusters (gather, regroup, re-slice, optimizer state included) and
-gathers full checkpoints. Every rank evaluates then; load CV is over rank 0's tokens, and
-the parameter counts in log.jsonl are one rank's (its slice of each bank).
+Owns: TrainConfig and its presets, the training loop (AdamW, warmup + cosine LR, clipping,
+accumulation, bf16 autocast, optional torch.compile), atomic checkpoints and exact resume,
+and the reclustering schedule (train as top-k for `burn_in`, then cluster + compress, then
+recluster every `recluster_interval`; the optimizer state follows the experts).
+The seam for several processes is `OneProcess`: under torchrun, parallel/ddp.py's
+DataParallel or parallel/ep_state.py's ExpertParallel take its place. What a run records
+and prints is train_log.py's; flags, devices and checkpoint files are cli.py's.
 """
 import os
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
 # slowed each step 1.4x (docs/results.md, first run). Read once, before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json
 import math
 import sys
 import time
@@ -31,11 +24,12 @@ import torch
 from tqdm import tqdm
 
 import data
-from cli import UsageError, load_model, parse_config, resolve_device, run, save_atomic
+from cli import (UsageError, check_out_dir, clear_out_dir, load_model, parse_config,
+                 resolve_device, restore_rng, rng_state, run, save_atomic)
 from cluster import Recluster, carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
-from train_log import (Interval, close_interval, evaluate, recluster_line, sample_text,
-                       startup_summary, trim_logs)
+from train_log import (Interval, close_interval, diverged, evaluate, log_record, log_recluster,
+                       sample_text, startup_summary, trim_logs, write_config)
 
 
 # Named sizes; explicit --field=value flags win over a preset's values. Each carries the
@@ -54,7 +48,6 @@ PRESETS = {
               "lr": 3e-4, "min_lr": 3e-5},
 }
 CLUSTER_MODES = ("dynamic", "static", "random")
-RUN_FILES = ("ckpt.pt", "log.jsonl", "reclusters.jsonl", "config.json", "diverged.json")
 
 
 @dataclass
@@ -67,17 +60,14 @@ class TrainConfig(GPTConfig):
     # clustering:
     burn_in: int = 100             # train as a top-k MoE this long, then cluster + compress
     recluster_interval: int = 100  # iterations between reclusters after that
-    cluster_mode: str = "dynamic"  # dynamic (recluster every interval) | static (cluster once,
-                                   # after burn_in) | random (equal random groups, never regrouped)
+    cluster_mode: str = "dynamic"  # dynamic | static (cluster once) | random (random groups, kept)
     alpha: float = 0.7             # weight of the parameter view vs the activation view
     similarity: str = "specific+scores"  # PARAM+ACT views of the expert similarity (cluster.py)
     min_gain: float = 0.01         # keep the groups unless regrouping gains this much similarity
     kmeans_restarts: int = 8       # k-means++ restarts beside the warm start
-    shock_iters: int = 10          # val batches scored just before and after each recluster
-                                   # (its shock, in reclusters.jsonl); 0 = not measured
+    shock_iters: int = 10          # val batches scored around each recluster (its shock; 0 = off)
     # data:
-    dataset: str = "shakespeare"   # shakespeare (shipped) | wikitext103 (downloaded) | folders or
-                                   # .zip files of .txt, comma-separated
+    dataset: str = "shakespeare"   # shakespeare | wikitext103 | folders, .zips of .txt (a,b,...)
     val_split: str = "auto"        # auto | tail | documents: what text collections hold out
     data_dir: str = "data"         # where prepared tokens are kept
     # training:
@@ -94,10 +84,8 @@ class TrainConfig(GPTConfig):
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     dtype: str = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False          # torch.compile the model
-    compile_mode: str = "default"  # default | reduce-overhead (torch's CUDA graphs of forward and
-                                   # backward) | max-autotune
-    cuda_graph: bool = False       # replay the whole train step from one CUDA graph
-                                   # (fast/train_graph.py; dense and top-k, not compiled)
+    compile_mode: str = "default"  # default | reduce-overhead (torch's CUDA graphs) | max-autotune
+    cuda_graph: bool = False       # the whole step replayed from one CUDA graph (dense, top-k)
     expert_parallel: int = 1       # ranks that split each MoE layer's experts (torchrun; 1 = off)
     # logging:
     out_dir: str = "out"           # log.jsonl, reclusters.jsonl, config.json and ckpt.pt go here
@@ -106,10 +94,8 @@ class TrainConfig(GPTConfig):
     eval_interval: int = 15        # iterations between evaluations (and checkpoints)
     eval_iters: int = 4            # validation batches per evaluation
     log_interval: int = 10         # iterations between progress-bar updates (one host sync)
-    ckpt_interval: int = 0         # iterations between checkpoints (0: at every eval); the last
-                                   # iteration is always saved
-    final_ckpt: str = "full"       # full (optimizer state too, so --resume can extend the run) |
-                                   # weights (about 1/3 of the bytes: evaluate, fine-tune, sample)
+    ckpt_interval: int = 0         # iterations between checkpoints (0: every eval; the last always)
+    final_ckpt: str = "full"       # full (with optimizer state) | weights (1/3 the bytes, no resume)
     sample_tokens: int = 60        # tokens generated from the trained model at the end (0 = none)
 
     def model_config(self) -> GPTConfig:
@@ -119,8 +105,8 @@ class TrainConfig(GPTConfig):
         self.model_config().validate()
         rules = [
             (self.preset in ("", *PRESETS), f"preset must be '' or one of {sorted(PRESETS)}"),
-            (self.max_iters >= 1, "max_iters must be >= 1"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (min(self.max_iters, self.batch_size, self.grad_accum) >= 1,
+             "max_iters, batch_size and grad_accum must be >= 1"),
             (self.eval_interval >= 1 and self.eval_iters >= 1 and self.log_interval >= 1,
              "eval_interval, eval_iters and log_interval must be >= 1"),
             (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
@@ -128,49 +114,32 @@ class TrainConfig(GPTConfig):
              "burn_in must be >= 0 and recluster_interval >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto|float32|bfloat16"),
             (self.cluster_mode in CLUSTER_MODES, f"cluster_mode must be one of {CLUSTER_MODES}"),
-            (self.kmeans_restarts >= 0, "kmeans_restarts must be >= 0"),
             (self.expert_parallel >= 1, "expert_parallel must be >= 1"),
-            (self.shock_iters >= 0 and self.ckpt_interval >= 0,
-             "shock_iters and ckpt_interval must be >= 0"),
+            (min(self.kmeans_restarts, self.shock_iters, self.ckpt_interval, self.sample_tokens) >= 0,
+             "kmeans_restarts, shock_iters, ckpt_interval and sample_tokens must be >= 0"),
             (self.final_ckpt in ("full", "weights"), "final_ckpt must be full|weights"),
-            (self.sample_tokens >= 0, "sample_tokens must be >= 0"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
             (self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
              "compile_mode must be default|reduce-overhead|max-autotune"),
         ]
-        if self.cuda_graph:
-            rules += [
-                (self.device != "cpu" and torch.cuda.is_available(), "--cuda_graph needs CUDA"),
-                ("RANK" not in os.environ, "--cuda_graph runs in one process (not under torchrun)"),
-                (self.moe_impl != "loop", "--cuda_graph needs device-side grouped matmuls "
-                 "(moe_impl=loop reads group sizes on the host)"),
-                (self.moe != "clustered", "--cuda_graph is not verified for the clustered model "
-                 "(its graphed training drifted from the eager run on an H200); dense and topk only"),
-                (not self.compile, "--cuda_graph with --compile did not capture on an H200; "
-                 "use one or the other"),
-            ]
+        if self.cuda_graph:  # machinery: its rules load only when it is asked for
+            from fast.train_graph import config_rules
+            rules += config_rules(self)
         if self.expert_parallel > 1:
-            from parallel.ep_state import config_rules  # machinery, loaded only when asked for
+            from parallel.ep_state import config_rules
             rules += config_rules(self)
         for ok, message in rules:
             if not ok:
                 raise ValueError(f"bad train config: {message}")
         data.check_dataset(self.dataset, self.val_split)
         parse_similarity(self.similarity)
-        out = Path(self.out_dir)
-        if self.resume and not (out / "ckpt.pt").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
-        held = [name for name in RUN_FILES if (out / name).exists()]
-        if held and not (self.resume or self.overwrite):
-            raise ValueError(f"{out} holds a run ({', '.join(held)}); pass --resume to continue it "
-                             f"or --overwrite to start over (its files are replaced)")
+        check_out_dir(self.out_dir, self.resume, self.overwrite)
         return self
 
 
 def build_optimizer(model, cfg: TrainConfig, old=None):
-    """AdamW, decay on matrices only; state carried from `old` for every parameter it has
-    state for (a recluster replaces some parameters: those start fresh). For a graphed step
-    (--cuda_graph) the optimizer is capturable and its lr a device tensor, set in place."""
+    """AdamW, decay on matrices only; state carried from `old` where it has some (a recluster
+    creates parameters: they start fresh). --cuda_graph: capturable, lr a device tensor."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -209,17 +178,9 @@ def recluster_due(it: int, cfg: TrainConfig) -> bool:
     return (it - cfg.burn_in) % cfg.recluster_interval == 0
 
 
-def rng_state(batch_gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "batches": batch_gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 class OneProcess:
-    """How the loop runs on one device; parallel/ddp.py's DataParallel and parallel/ep_state.py's
-    ExpertParallel change the hooks they need. Each hook is what one process does at that
-    point of the loop."""
+    """How the loop runs on one device: each hook is what one process does at that point of the
+    loop. parallel/ddp.py's DataParallel and parallel/ep_state.py's ExpertParallel override them."""
     rank, world, master, everyone_evaluates = 0, 1, True, False
 
     def __init__(self, device: str, dtype: str):
@@ -259,7 +220,7 @@ class OneProcess:
     def all_rngs(self, rng: dict) -> list:
         return [rng]
 
-    def barrier(self):
+    def barrier(self):                        # every rank waits here for the others
         pass
 
     def close(self):
@@ -276,16 +237,13 @@ def make_strategy(cfg: TrainConfig) -> OneProcess:
 
 def load_data(cfg: TrainConfig, strategy: OneProcess):
     """Rank 0 prepares (downloads, tokenizes) while the others wait; all then memory-map."""
-    def prepare():
-        try:
-            return data.prepare(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
-        except (OSError, RuntimeError) as error:  # a download, a disk: the user's to fix
-            raise UsageError(f"preparing {cfg.dataset}: {error}") from None
-    if strategy.master:
-        folder = prepare()
-    if strategy.world > 1:
+    for turn in ("master", "others"):
+        if strategy.master == (turn == "master"):
+            try:
+                folder = data.prepare(cfg.dataset, cfg.data_dir, val_split=cfg.val_split)
+            except (OSError, RuntimeError) as error:  # a download, a disk: the user's to fix
+                raise UsageError(f"preparing {cfg.dataset}: {error}") from None
         strategy.barrier()
-        folder = prepare()
     return data.load_split(folder, "train"), data.load_split(folder, "val"), data.read_meta(folder)
 
 
@@ -313,15 +271,10 @@ def train_step(runner, model, optimizer, batches, cfg: TrainConfig, autocast, st
         layer.balance_step()
 
 
-def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, out_dir: Path,
-                    shock_eval=None) -> dict:
-    """Regroup and re-factorize every MoE layer (every rank alike). Rank 0 appends one line
-    to reclusters.jsonl: experts moved, per-layer similarity gain and whether the regrouping
-    was skipped, seconds, the membership, and the validation loss just before and after
-    (`shock_eval`, the recluster shock; its time is reported apart; every rank that gets one
-    calls it). -> the strategy's Recluster, its seconds and shock_s filled in."""
-    layers = model.moe_layers()
-    measure = shock_eval is not None and layers[0].has_clusters and cfg.shock_iters > 0
+def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, shock_eval=None):
+    """Regroup every MoE layer (every rank alike), with the validation loss just before and
+    after (`shock_eval`) -> (the strategy's Recluster with its timings, loss before, after)."""
+    measure = shock_eval is not None and model.moe_layers()[0].has_clusters and cfg.shock_iters > 0
     t_shock = time.perf_counter()
     before = shock_eval() if measure else None
     t0 = time.perf_counter()
@@ -332,20 +285,7 @@ def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, out_d
     t1 = time.perf_counter()
     after = shock_eval() if measure else None
     result.seconds, result.shock_s = t1 - t0, (t0 - t_shock) + (time.perf_counter() - t1)
-    if strategy.master:
-        m = cfg.n_experts // cfg.n_clusters  # membership[layer][expert] = cluster of each original expert
-        membership = [[0] * cfg.n_experts for _ in layers]
-        for row, layer in zip(membership, layers):
-            for slot, expert in enumerate(layer.expert_ids.tolist()):
-                row[expert] = slot // m
-        with open(out_dir / "reclusters.jsonl", "a") as f:
-            f.write(json.dumps({"iter": it, "moved": result.moved, "gain": result.gain,
-                                "skipped": result.skipped, "seconds": result.seconds,
-                                "val_loss_before": before, "val_loss_after": after,
-                                "shock": None if before is None else after - before,
-                                "membership": membership}) + "\n")
-        tqdm.write(recluster_line(it, result, before, after))
-    return result
+    return result, before, after
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -357,44 +297,29 @@ def train(cfg: TrainConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     train_tokens, val_tokens, meta = load_data(cfg, strategy)  # a bad dataset stops us here
     if master:
-        if cfg.overwrite:  # the old run's files go, so two runs' logs never mix
-            for name in RUN_FILES:
-                (out_dir / name).unlink(missing_ok=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        clear_out_dir(out_dir, cfg.overwrite)
 
-    # Model, optimizer and RNG streams (all ranks): fresh, or exactly where the checkpoint
-    # left them. Each rank has its own streams (a checkpoint from another world size: rank 0's).
+    # Model, optimizer and RNG streams (all ranks): fresh, or where the checkpoint left them.
     batch_gen = torch.Generator().manual_seed(cfg.seed + strategy.rank)
     start_iter = 0
     if cfg.resume:
-        model, ckpt = load_model(out_dir / "ckpt.pt", device)
-        if ckpt["optimizer"] is None:
-            raise ValueError(f"--resume: {out_dir / 'ckpt.pt'} holds weights only (final_ckpt="
-                             f"weights), no optimizer state to resume from")
+        model, ckpt = load_model(out_dir / "ckpt.pt", device, resume=True)
         start_iter = ckpt["iter"]
-        rngs = ckpt.get("rng_ranks", [])
-        rng = rngs[strategy.rank] if len(rngs) == strategy.world else ckpt["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        batch_gen.set_state(rng["batches"].cpu())
-        if "cuda" in rng and device.startswith("cuda"):
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        restore_rng(ckpt, strategy.rank, strategy.world, batch_gen, device)
         if master:  # what was logged after the checkpoint is redone: keep one copy of it
             trim_logs(out_dir, start_iter)
     else:
         model = GPT(cfg.model_config()).to(device)
     if master:
         print(startup_summary(cfg, model, meta, device, dtype, strategy.world))
-        if not cfg.resume:  # what this run is, beside its logs: flags, data and split
-            (out_dir / "config.json").write_text(json.dumps(
-                {"argv": sys.argv, "config": asdict(cfg), "data": meta.get("sources", cfg.dataset),
-                 "val_split": meta.get("val_split"), "tokens": meta.get("tokens")}, indent=1))
+        if not cfg.resume:
+            write_config(out_dir, cfg, meta)
     strategy.prepare(model)
     optimizer = build_optimizer(model, cfg)
     if cfg.resume:
         strategy.load_optimizer_state(optimizer, ckpt["optimizer"])
 
-    # Compile once: after a recluster swaps a layer's bank, dynamo's guards retrace by
-    # themselves. A graphed step replays the whole step; it captures again after a recluster.
+    # Compile once: after a recluster swaps a layer's bank, dynamo's guards retrace by themselves.
     compiled = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     runner = strategy.wrap(compiled)
     # A CUDA graph cannot hold autocast's cache of cast weights (tensors made in capture).
@@ -416,7 +341,9 @@ def train(cfg: TrainConfig) -> dict:
             t_recluster = time.perf_counter()
             shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast, cfg.shock_iters)) \
                 if master or strategy.everyone_evaluates else None
-            result = recluster_event(model, optimizer, cfg, it, strategy, out_dir, shock)
+            result, before, after = recluster_event(model, optimizer, cfg, it, strategy, shock)
+            if master:
+                log_recluster(out_dir, model, it, result, before, after)
             if result.created:
                 optimizer = build_optimizer(model, cfg, optimizer)
                 runner = strategy.wrap(compiled)
@@ -442,14 +369,10 @@ def train(cfg: TrainConfig) -> dict:
         if (it + 1) % cfg.log_interval == 0 or eval_now:
             train_loss = (interval.loss_sum / interval.steps).item()
             if not math.isfinite(train_loss):
-                if master:  # a result, not a crash: grids record the run as diverged
-                    (out_dir / "diverged.json").write_text(json.dumps({"iter": it, "loss": str(train_loss)}))
-                raise FloatingPointError(f"non-finite loss {train_loss} at iteration {it}; "
-                                         f"the last good checkpoint in {out_dir} is kept")
+                raise diverged(out_dir, it, train_loss, master)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}")
 
-        # Close the eval interval: rank 0 evaluates (under expert parallelism every rank: each
-        # forward needs its whole group), logs and checkpoints; every rank restarts its clock.
+        # Close the eval interval: rank 0 (expert parallel: every rank) evaluates; rank 0 logs.
         if eval_now:
             if master or strategy.everyone_evaluates:
                 record = close_interval(model, cfg, it, lr, train_loss, interval, val_tokens, meta,
@@ -457,24 +380,18 @@ def train(cfg: TrainConfig) -> dict:
             save = last or not cfg.ckpt_interval or (it + 1) % cfg.ckpt_interval == 0
             if save:
                 model_state, optimizer_state = strategy.checkpoint_state(model, optimizer)
+                optimizer_state = None if last and cfg.final_ckpt == "weights" else optimizer_state
                 rngs = strategy.all_rngs(rng_state(batch_gen))
-                if last and cfg.final_ckpt == "weights":
-                    optimizer_state = None
             if master:
-                with open(out_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.write(f"iter {it + 1}: train {train_loss:.4f} val {record['val_loss']:.4f} "
-                          f"ppl {record['val_ppl']:.1f} tok/s {record['tokens_per_sec']:.0f} "
-                          f"load_cv {record['load_cv']:.3f}")
-            if master and save:
+                log_record(out_dir, record)
+            if master and save:  # the last good checkpoint stays until this one is whole
                 save_atomic({"model": model_state, "optimizer": optimizer_state,
                              "config": asdict(cfg), "iter": it + 1, "rng": rngs[0],
                              "rng_ranks": rngs}, out_dir / "ckpt.pt")
             interval.reset()
-    if cfg.sample_tokens and (master or strategy.everyone_evaluates):  # EP: each forward needs every rank
+    if cfg.sample_tokens and (master or strategy.everyone_evaluates):  # a taste of the model
         text = sample_text(model, cfg, device, autocast)
-        if master:
-            print(text)
+        print(text if master else "", end="")
     strategy.close()
     return record
 

@@ -7,11 +7,13 @@ log.jsonl record). Does not own: the loop, checkpoints or the schedule (train.py
 """
 import json
 import math
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import data
 from router import load_cv
@@ -145,6 +147,50 @@ def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1) 
         + (", smaller once clustered" if cfg.moe == "clustered" else "") + ")",
     ]
     return "\n".join(lines)
+
+
+def write_config(out_dir: Path, cfg, meta: dict) -> None:
+    """config.json: what this run is, beside its logs (flags, data, split, token counts)."""
+    (Path(out_dir) / "config.json").write_text(json.dumps(
+        {"argv": sys.argv, "config": asdict(cfg), "data": meta.get("sources", cfg.dataset),
+         "val_split": meta.get("val_split"), "tokens": meta.get("tokens")}, indent=1))
+
+
+def log_record(out_dir: Path, record: dict) -> None:
+    """An eval interval's record: one line of log.jsonl, one printed line."""
+    with open(Path(out_dir) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    tqdm.write(f"iter {record['iter']}: train {record['train_loss']:.4f} val "
+               f"{record['val_loss']:.4f} ppl {record['val_ppl']:.1f} tok/s "
+               f"{record['tokens_per_sec']:.0f} load_cv {record['load_cv']:.3f}")
+
+
+def log_recluster(out_dir: Path, model, it: int, result, before, after) -> None:
+    """A recluster event: one line of reclusters.jsonl (experts moved, per-layer gain and
+    skip, seconds, the shock, and membership[layer][expert] = the cluster of each original
+    expert), one printed line."""
+    layers, cfg = model.moe_layers(), model.cfg
+    m = cfg.n_experts // cfg.n_clusters
+    membership = [[0] * cfg.n_experts for _ in layers]
+    for row, layer in zip(membership, layers):
+        for slot, expert in enumerate(layer.expert_ids.tolist()):
+            row[expert] = slot // m
+    with open(Path(out_dir) / "reclusters.jsonl", "a") as f:
+        f.write(json.dumps({"iter": it, "moved": result.moved, "gain": result.gain,
+                            "skipped": result.skipped, "seconds": result.seconds,
+                            "val_loss_before": before, "val_loss_after": after,
+                            "shock": None if before is None else after - before,
+                            "membership": membership}) + "\n")
+    tqdm.write(recluster_line(it, result, before, after))
+
+
+def diverged(out_dir: Path, it: int, loss: float, master: bool) -> FloatingPointError:
+    """A non-finite loss: recorded as diverged.json (grids count it a result, not a crash),
+    -> the error that stops the run; the last good checkpoint stays."""
+    if master:
+        (Path(out_dir) / "diverged.json").write_text(json.dumps({"iter": it, "loss": str(loss)}))
+    return FloatingPointError(f"non-finite loss {loss} at iteration {it}; the last good "
+                              f"checkpoint in {out_dir} is kept")
 
 
 def recluster_line(it: int, result, before, after) -> str:

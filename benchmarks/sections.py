@@ -5,8 +5,9 @@ first clustering, inference), `bench_inference` (prefill with INT4 and offload, 
 `bench_quality` (seeded trainings of dense, top-k and clustered, then held-out quality and
 routing, INT4 and offload perplexity), `bench_grid` (a declared grid of quality.GRIDS),
 `bench_baseline` (the same lr sweep for every baseline, then each at its best lr).
-Does not own: the configuration and the table of sections (bench.py), timing one layer or
-one model (layers.py), running grids (quality.py), the claims (claims.py).
+Also SECTIONS, the table bench.py runs: name -> (function, title, table columns).
+Does not own: the configuration (bench.py), timing one layer or one model (layers.py),
+running grids (quality.py), the claims (claims.py).
 """
 import dataclasses
 import json
@@ -17,7 +18,9 @@ from pathlib import Path
 import torch
 
 import data
-from benchmarks.layers import build_model, free_memory, peak_mib, timed, train_speed
+from benchmarks import decode as bench_decode
+from benchmarks.layers import (bench_layers, build_model, free_memory, peak_mib, profile_layers, timed,
+                               train_speed)
 from benchmarks.quality import GRIDS, lr_sweep, read_log, routing_stats, run_grid, run_variants, summarize
 from cli import load_model
 from offload import ClusterOffloader
@@ -50,7 +53,9 @@ MODEL_VARIANTS = (("dense", {"moe": "dense"}), ("topk", {"moe": "topk"}),
                   ("clustered, triton", {"moe": "clustered", "moe_impl": "triton"}))
 
 
-MODES = {"eager": {}, "compiled": {"compile": True}, "graphed": {"compile": True, "cuda_graph": True},
+# How a models-section step runs. "graphed" replays eager kernels (train.py's --cuda_graph,
+# which it allows for dense and top-k only: the clustered graphed step is not verified).
+MODES = {"eager": {}, "compiled": {"compile": True}, "graphed": {"cuda_graph": True},
          "reduce-overhead": {"compile": True, "compile_mode": "reduce-overhead"}}
 
 
@@ -75,6 +80,8 @@ def bench_models(cfg, device) -> list[dict]:
             tc.moe_impl = overrides.get("moe_impl", tc.moe_impl)
             tc.block_size = block or tc.block_size
             for mode in modes:
+                if mode == "graphed" and tc.moe == "clustered":
+                    continue
                 timed_tc = dataclasses.replace(tc, **MODES[mode])
                 row = {"model": name, "mode": mode, "block_size": tc.block_size,
                        "batch_size": tc.batch_size,
@@ -85,7 +92,7 @@ def bench_models(cfg, device) -> list[dict]:
             autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
             with torch.no_grad(), autocast:
                 ms = timed(lambda: model(x), device, cfg.repeats, cfg.warmup)
-            for row in block_rows[-len(modes):]:
+            for row in (r for r in block_rows if r["model"] == name):
                 row["infer_tokens_per_sec"] = x.numel() / ms * 1e3
             del model
         for mode in modes:
@@ -234,3 +241,46 @@ def _quality_rows(quality: dict) -> list[dict]:
         row.update({k: run.get(k, "") for k in ("devices_per_token", "total_params", "expert_params")})
         rows.append(row)
     return rows
+
+
+# Each section: (function(cfg, device, out) -> result, title(cfg, env), table columns).
+SECTIONS = {
+    "layers": (lambda cfg, device, out: bench_layers(cfg, model_config(cfg, "clustered"), device),
+               lambda cfg, env: (lambda s: f"One FFN layer, forward+backward, {cfg.tokens} tokens, "
+                                 f"d={s.n_embd}, h={s.ffn_hidden}, E={s.n_experts}, top-{s.top_k}, "
+                                 f"G={s.n_clusters}, r={s.rank} ({env['device']}, torch {env['torch']}):")(
+                                     model_config(cfg, "clustered")),
+               ["layer", "ms", "tokens_per_sec", "speed_vs_topk", "ms_vs_minimal"]),
+    "profile": (lambda cfg, device, out: profile_layers(cfg, model_config(cfg, "clustered"), device),
+                None, None),
+    "models": (lambda cfg, device, out: bench_models(cfg, device),
+               lambda cfg, env: f"Whole models ({cfg.preset or 'default'} size, each alone, train = "
+                                f"fwd+bwd+AdamW, batch {cfg.batch_size}; {env['device']}):",
+               ["model", "mode", "block_size", "total_params", "active_params", "train_tokens_per_sec",
+                "speed_vs_topk", "mfu", "train_peak_mib", "first_recluster_s", "infer_tokens_per_sec",
+                "infer_vs_topk"]),
+    "inference": (lambda cfg, device, out: bench_inference(cfg, device),
+                  lambda cfg, env: f"Inference (prefill {cfg.batch_size} x block tokens, bf16 weights "
+                                   f"on CUDA; offload budget {cfg.offload_clusters} clusters):",
+                  ["size", "model", "infer_tokens_per_sec", "vs_resident", "peak_mib",
+                   "bytes_moved", "hits", "misses", "prefetches", "stalls", "hidden_fraction"]),
+    "quality": (bench_quality,
+                lambda cfg, env: f"Trainings on {cfg.dataset}, {cfg.train_iters} iterations x "
+                                 f"{cfg.batch_size} x block tokens each, {cfg.seeds} seeds (mean +- std):",
+                ["model", "val_ppl", "load_cv", "train_tokens_per_sec", "devices_per_token",
+                 "total_params", "expert_params"]),
+}
+SECTIONS["baseline"] = (bench_baseline,
+                        lambda cfg, env: f"Baselines on {cfg.dataset}, {cfg.preset or 'default'} size: "
+                                         f"an lr sweep (one seed), then each model at its best lr "
+                                         f"with {cfg.seeds} seeds, mean (std) ({env['device']}):",
+                        ["phase", "variant", "tokens", "val_ppl", "val_ppl_std", "load_cv",
+                         "heldout_load_cv", "vs_dense", "noise"])
+SECTIONS["decode"] = (bench_decode.bench_decode, bench_decode.title, bench_decode.COLUMNS)
+SECTIONS["ablation"] = (bench_grid("ablation"),
+                        lambda cfg, env: f"Ablations on {cfg.dataset}, {cfg.train_iters} iterations, "
+                                         f"{cfg.seeds} seeds, mean (std) ({env['device']}):",
+                        ["variant", "val_ppl", "val_ppl_std", "load_cv", "cluster_load_cv",
+                         "experts_moved", "shock", "train_tokens_per_sec", "glue", "glue_std"])
+SECTIONS["routing"] = (bench_grid("routing"), SECTIONS["ablation"][1], SECTIONS["ablation"][2])
+TABLE_ROWS = {"quality": _quality_rows}

@@ -14,7 +14,23 @@ allocated between replays (never set to None). A recluster replaces parameters o
 state, so train.py calls `reset()` and the next steps warm up and capture again.
 Does not own: the step itself (train.train_step) or when to recluster (train.py).
 """
+import os
+
 import torch
+
+
+def config_rules(cfg) -> list[tuple[bool, str]]:
+    """train.TrainConfig.validate's rules for --cuda_graph: (holds, message)."""
+    return [
+        (cfg.device != "cpu" and torch.cuda.is_available(), "--cuda_graph needs CUDA"),
+        ("RANK" not in os.environ, "--cuda_graph runs in one process (not under torchrun)"),
+        (cfg.moe_impl != "loop", "--cuda_graph needs device-side grouped matmuls (moe_impl=loop "
+         "reads group sizes on the host)"),
+        (cfg.moe != "clustered", "--cuda_graph is not verified for the clustered model (its "
+         "graphed training drifted from the eager run on an H200); dense and topk only"),
+        (not cfg.compile, "--cuda_graph with --compile did not capture on an H200; use one or "
+         "the other"),
+    ]
 
 
 class GraphedTrainStep:

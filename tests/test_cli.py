@@ -1,0 +1,142 @@
+"""cli.py through every entry point, as a user meets it: bad input is one line on stderr, a
+non-zero exit, no traceback, and nothing written or removed; --debug keeps the traceback;
+an out_dir holding a run is protected; --help describes every flag."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from cli import help_text, parse_config, upgrade_config
+from train import PRESETS, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--ffn_hidden=32", "--n_experts=4",
+        "--n_clusters=2", "--rank=2", "--block_size=32", "--batch_size=2", "--max_iters=2",
+        "--eval_interval=2", "--eval_iters=1", "--device=cpu", "--sample_tokens=0"]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _snapshot(*folders) -> dict:
+    """Every file under the folders: size and modification time (what 'untouched' means)."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for folder in folders
+            if Path(folder).exists() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def _one_line_error(result, *phrases):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout[-500:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished tiny run, and a truncated copy of its checkpoint."""
+    root = tmp_path_factory.mktemp("cli")
+    train.train(parse_config(TrainConfig, TINY + [f"--out_dir={root / 'run'}",
+                                                  f"--data_dir={root / 'data'}"]))
+    data = (root / "run" / "ckpt.pt").read_bytes()
+    (root / "bad").mkdir()
+    (root / "bad" / "ckpt.pt").write_bytes(data[:len(data) // 3])
+    return root
+
+
+def test_a_truncated_checkpoint_is_one_line_everywhere(run_dir):
+    bad, text = run_dir / "bad" / "ckpt.pt", ROOT / "assets" / "tinyshakespeare.txt.gz"
+    before = _snapshot(run_dir / "bad")
+    for args in (["eval_ppl.py", f"--ckpt={bad}", f"--text={run_dir / 'run' / 'config.json'}"],
+                 ["sample.py", f"--ckpt={bad}", "--device=cpu"],
+                 ["eval_glue.py", f"--ckpt={bad}", "--task=sst2", f"--data_dir={run_dir}"]):
+        _one_line_error(_run(*args), "cannot read checkpoint", str(bad), "corrupt, truncated")
+    assert text.exists() and _snapshot(run_dir / "bad") == before
+
+
+def test_resume_from_a_truncated_checkpoint_leaves_the_run_as_it_was(run_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((run_dir / "bad" / "ckpt.pt").read_bytes())
+    (out / "log.jsonl").write_text('{"iter": 2}\n')
+    before = _snapshot(out)
+    result = _run("train.py", *TINY, "--max_iters=4", "--resume", f"--out_dir={out}",
+                  f"--data_dir={run_dir / 'data'}")
+    _one_line_error(result, "cannot read checkpoint")
+    assert _snapshot(out) == before
+
+
+def test_an_empty_text_file_is_one_line(run_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_line_error(_run("eval_ppl.py", f"--ckpt={run_dir / 'run' / 'ckpt.pt'}", f"--text={empty}",
+                         "--device=cpu"), "0 tokens")
+
+
+def test_bad_datasets_are_named_and_nothing_is_written(tmp_path):
+    (tmp_path / "empty_ds").mkdir()
+    (tmp_path / "empty_ds" / "a.txt").write_text("")
+    zipped = tmp_path / "short.zip"
+    zipped.write_bytes((ROOT / "assets" / "tinyshakespeare.txt.gz").read_bytes()[:5000])
+    cases = [(f"--dataset={tmp_path / 'empty_ds'}", ["no text", "empty"]),
+             (f"--dataset={zipped}", ["corrupt or truncated .zip", str(zipped)])]
+    for flag, phrases in cases:
+        before = _snapshot(tmp_path)
+        result = _run("train.py", *TINY, flag, f"--out_dir={tmp_path / 'out'}",
+                      f"--data_dir={tmp_path / 'data'}")
+        _one_line_error(result, *phrases)
+        assert _snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+        assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_one_line(tmp_path):
+    result = _run("train.py", *TINY[:-2], "--device=cuda", f"--out_dir={tmp_path / 'out'}",
+                  f"--data_dir={tmp_path / 'data'}")
+    _one_line_error(result, "CUDA is not available", "--device=cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_never_overwrites_the_first_unless_asked(run_dir, tmp_path):
+    out = tmp_path / "out"
+    flags = [*TINY, f"--out_dir={out}", f"--data_dir={run_dir / 'data'}"]
+    assert _run("train.py", *flags).returncode == 0
+    before = _snapshot(out)
+    _one_line_error(_run("train.py", *flags), "holds a run", "--resume", "--overwrite")
+    assert _snapshot(out) == before
+    assert _run("train.py", *flags, "--overwrite").returncode == 0
+    log = (out / "log.jsonl").read_text().splitlines()
+    assert len(log) == 1                       # the second run's record only: logs never mix
+
+
+def test_unknown_flags_and_sections_are_one_line_and_debug_keeps_the_traceback(tmp_path):
+    _one_line_error(_run("train.py", "--no_such_flag=1"), "unknown argument", "valid keys")
+    _one_line_error(_run("bench.py", "--sections=nope", f"--out_dir={tmp_path}"), "unknown sections")
+    _one_line_error(_run("sample.py", f"--ckpt={tmp_path / 'none.pt'}"), "no checkpoint at")
+    debug = _run("train.py", "--no_such_flag=1", "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_help_describes_every_flag_in_groups():
+    text = help_text(TrainConfig, PRESETS)
+    for group in ("model:", "routing:", "clustering:", "data:", "training:", "logging:"):
+        assert f"\n{group}\n" in text
+    described = [line for line in text.splitlines() if line.startswith("  --")]
+    assert len(described) == len(TrainConfig.__dataclass_fields__)
+    assert all(len(line.split(None, 1)) == 2 for line in described), "a flag without a description"
+    printed = _run("sample.py", "--help")
+    assert printed.returncode == 0 and "--prompt='\\n'" in printed.stdout
+
+
+def test_checkpoints_from_before_the_renames_load():
+    old = {"warmup_iters": 200, "lr_warmup": 50, "moe_impl": "fused", "moe": "clustered"}
+    new = upgrade_config(old)
+    assert new["burn_in"] == 200 and new["warmup_iters"] == 50 and new["moe_impl"] == "triton"
+    assert "lr_warmup" not in new and TrainConfig(**new).burn_in == 200
+    assert upgrade_config(new) == new                      # today's names pass through
