@@ -93,7 +93,8 @@ def close_interval(model, cfg, it: int, lr: float, train_loss: float,
     layers = model.moe_layers()
     tokens_per_sec = interval.steps * cfg.batch_size * cfg.block_size * cfg.grad_accum * world / elapsed
     peak = peak_flops(device)
-    record = {"iter": it + 1, "train_loss": train_loss, "val_loss": val_loss,
+    record = {"iter": it + 1, "time": round(time.time(), 1), "train_loss": train_loss,
+              "val_loss": val_loss,
               "val_ppl": math.exp(min(val_loss, 50)), "lr": lr, "tokens_per_sec": tokens_per_sec,
               "mfu": model.flops_per_token() * tokens_per_sec / world / peak if peak else None,
               "recluster_s": interval.recluster_s,  # inside elapsed (and so in tokens_per_sec)

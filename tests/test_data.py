@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import corpus
 import data
 import download
 
@@ -130,8 +131,8 @@ def test_tail_cut_matches_brute_force():
         target = round(len(text) * (1 - fraction))
         starts = [i + 1 for i, ch in enumerate(text) if ch == "\n"] + [len(text)]
         expected = min((s for s in starts if s > 0), key=lambda s: (abs(s - target), -s))
-        assert data.tail_cut(text, fraction) == min(expected, len(text)), (text, fraction)
-    assert data.tail_cut("one line, no newline", 0.1) == len("one line, no newline")
+        assert corpus.tail_cut(text, fraction) == min(expected, len(text)), (text, fraction)
+    assert corpus.tail_cut("one line, no newline", 0.1) == len("one line, no newline")
 
 
 def test_tail_holds_out_the_end_of_every_document(tmp_path):
@@ -176,8 +177,8 @@ def test_documents_holds_out_whole_files(tmp_path):
     _assert_no_val_line_in_train(folder)
 
 
-@pytest.mark.parametrize("n_docs, expected", [(data.AUTO_DOCUMENTS_MIN - 1, "tail"),
-                                              (data.AUTO_DOCUMENTS_MIN, "documents")])
+@pytest.mark.parametrize("n_docs, expected", [(corpus.AUTO_DOCUMENTS_MIN - 1, "tail"),
+                                              (corpus.AUTO_DOCUMENTS_MIN, "documents")])
 def test_auto_picks_by_document_count(tmp_path, n_docs, expected):
     src = _books(tmp_path / "books", n_docs, n_lines=3)
     folder = data.prepare(str(src), tmp_path / "d")
@@ -220,12 +221,12 @@ def test_several_zips_comma_list_equals_folder_of_zips(tmp_path):
 
 def test_folder_name_stays_short_for_many_sources():
     sources = [Path(f"/corpus/enwiki-{i:02d}.zip") for i in range(40)]
-    name = data.text_folder_name(sources, "documents", 0.1)
+    name = corpus.text_folder_name(sources, "documents", 0.1)
     assert len(name) < 64 and name.startswith("text_enwiki-00+39more-")
     assert name.endswith("_documents")
     other = sources[:39] + [Path("/corpus/other.zip")]
-    assert name != data.text_folder_name(other, "documents", 0.1)
-    assert data.text_folder_name(sources[:2], "tail", 0.05) == "text_enwiki-00+enwiki-01_tail0.05"
+    assert name != corpus.text_folder_name(other, "documents", 0.1)
+    assert corpus.text_folder_name(sources[:2], "tail", 0.05) == "text_enwiki-00+enwiki-01_tail0.05"
 
 
 def test_check_dataset_errors(tmp_path):
