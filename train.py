@@ -91,8 +91,8 @@ class TrainConfig(GPTConfig):
     out_dir: str = "out"           # log.jsonl, reclusters.jsonl, config.json and ckpt.pt go here
     resume: bool = False           # continue the run in out_dir from its checkpoint
     overwrite: bool = False        # start afresh in an out_dir that holds a run (its files go)
-    eval_interval: int = 15        # iterations between evaluations (and checkpoints)
-    eval_iters: int = 4            # validation batches per evaluation
+    eval_interval: int = 10        # iterations between evaluations (and checkpoints)
+    eval_iters: int = 3            # validation batches per evaluation
     log_interval: int = 10         # iterations between progress-bar updates (one host sync)
     ckpt_interval: int = 0         # iterations between checkpoints (0: every eval; the last always)
     final_ckpt: str = "full"       # full (with optimizer state) | weights (1/3 the bytes, no resume)
