@@ -1,4 +1,4 @@
-"""bench_layers.py: the minimal top-k yardstick computes what our top-k layer computes."""
+"""benchmarks/layers.py: the minimal top-k yardstick computes what our top-k layer computes."""
 import torch
 
 from benchmarks.layers import MinimalTopK

@@ -1,4 +1,4 @@
-"""bench_quality.py: the seed grid (parallel subprocesses, finished runs skipped) and the noise test."""
+"""benchmarks/quality.py: the seed grid (parallel subprocesses, finished runs skipped) and the noise test."""
 import statistics
 
 import pytest

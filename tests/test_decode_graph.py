@@ -1,5 +1,5 @@
 """Decoding: the KV cache against the uncached reference, offloaded against resident
-decoding, and bench_decode.py's smoke run."""
+decoding, and benchmarks/decode.py's smoke run."""
 from dataclasses import asdict
 
 import pytest
