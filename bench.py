@@ -14,6 +14,8 @@ Owns: BenchConfig and running the sections (benchmarks/sections.py's table, name
   quality    `seeds` trainings of each model on the same data, then held-out perplexity and
              load CV as mean +- std, the all-to-all volume expert parallelism would move,
              INT4 and offload perplexity
+  paper      the paper's table at --preset=paper, 32K tokens a step: an lr sweep per model, each
+             at its best with seeds, GLUE, INT4; built over several calls (benchmarks/paper.py)
   ablation, routing   the paper's ablations and the routing question (quality.GRIDS)
 and the closing table that marks each of the paper's claims (benchmarks/claims.py).
 Does not own: the models or training (model.py, train.py), plotting (benchmarks/plots.py).
@@ -68,6 +70,11 @@ class BenchConfig:
     models: str = ""               # baseline: which of its models, comma-separated ('' = all)
     ckpt_interval: int = 0         # baseline: train.py's (0: a checkpoint at every eval; large
                                    # models may need fewer: each holds weights and AdamW moments)
+    paper_size: str = "paper"      # paper: the size of its table (train.PRESETS)
+    tokens_per_step: int = 32768   # paper: tokens per optimizer step (grad_accum makes it up)
+    keep: str = "results/paper/runs"  # paper: where finished runs' small files are kept (and
+                                   # looked up, so a later call trains only what is missing)
+    max_runs: int = 0              # paper: start at most this many runs in this call (0 = all)
     glue_dir: str = ""             # GLUE root: grid sections also fine-tune each run on glue_task
     glue_task: str = "sst2"        # the GLUE task of the grid sections
     glue_max_examples: int = 10000  # training examples per fine-tuning (0 = all), 2 epochs

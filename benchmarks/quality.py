@@ -68,20 +68,24 @@ def _continue(tc: TrainConfig) -> TrainConfig:
     return tc
 
 
-def run_grid(runs: list[TrainConfig], parallel: int = 1) -> None:
+def run_grid(runs: list[TrainConfig], parallel: int = 1, done=None) -> None:
     """Train every config not yet finished, resuming those cut short; `parallel` > 1 runs
-    that many train.py processes at once. A failed run is an error that quotes the end of
-    its output."""
+    that many train.py processes at once. done(tc), if given, is called as each run ends
+    (and for runs already finished), so its results are kept even if a later one fails. A
+    failed run is an error that quotes the end of its output."""
+    done = done or (lambda tc: None)
     todo = [tc for tc in runs if not finished(tc)]
     for tc in runs:
         if tc not in todo:
             print(f"skip (finished): {tc.out_dir}")
+            done(tc)
     if parallel <= 1:
         for tc in todo:
             try:
                 train(_continue(tc))
             except FloatingPointError as error:  # diverged: recorded, the grid goes on
                 print(f"diverged: {tc.out_dir}: {error}")
+            done(tc)
         return
     # Tokenize once, before the workers start, so they do not race on preparing the data.
     for tc in todo:
@@ -90,13 +94,15 @@ def run_grid(runs: list[TrainConfig], parallel: int = 1) -> None:
     def start(tc):
         tc = _continue(tc)
         return [ROOT / "train.py", *_flags(tc)], Path(tc.out_dir) / "train.out"
-    _pool(todo, start, parallel, "training", ok=lambda log_path: (log_path.parent / "diverged.json").exists())
+    _pool(todo, start, parallel, "training",
+          ok=lambda log_path: (log_path.parent / "diverged.json").exists(), done=done)
 
 
-def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False) -> None:
+def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False,
+          done=lambda job: None) -> None:
     """Run `parallel` subprocesses at once, one per job: start(job) -> (script and flags, log
-    file). A job that fails stops the others (unless ok(its log file) says the failure is a
-    result); the error quotes the end of its log."""
+    file); done(job) after each that ends well. A job that fails stops the others (unless
+    ok(its log file) says the failure is a result); the error quotes the end of its log."""
     todo, active = list(jobs), []
     while todo or active:
         while todo and len(active) < max(1, parallel):
@@ -105,18 +111,19 @@ def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False
             log = open(log_path, "a")
             proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT)
-            active.append((proc, log, log_path))
+            active.append((proc, log, log_path, job))
         time.sleep(0.5)
         for item in [a for a in active if a[0].poll() is not None]:
-            proc, log, log_path = item
+            proc, log, log_path, job = item
             log.close()
             active.remove(item)
             if proc.returncode != 0 and not ok(log_path):
-                for other, other_log, _ in active:
+                for other, other_log, *_ in active:
                     other.kill()
                     other_log.close()
                 raise RuntimeError(f"{what} ({log_path.parent}) failed (exit {proc.returncode}):\n"
                                    f"{log_path.read_text()[-2000:]}")
+            done(job)
 
 
 def summarize(values: list[float]) -> dict:

@@ -19,6 +19,7 @@ import torch
 
 import data
 from benchmarks import decode as bench_decode
+from benchmarks import paper
 from benchmarks.layers import (bench_layers, build_model, free_memory, peak_mib, profile_layers, timed,
                                train_speed)
 from benchmarks.quality import GRIDS, lr_sweep, read_log, routing_stats, run_grid, run_variants, summarize
@@ -284,3 +285,5 @@ SECTIONS["ablation"] = (bench_grid("ablation"),
                          "experts_moved", "shock", "train_tokens_per_sec", "glue", "glue_std"])
 SECTIONS["routing"] = (bench_grid("routing"), SECTIONS["ablation"][1], SECTIONS["ablation"][2])
 TABLE_ROWS = {"quality": _quality_rows}
+
+SECTIONS["paper"] = (paper.bench_paper, paper.title, paper.COLUMNS)

@@ -1,0 +1,113 @@
+"""bench.py --sections=paper: built in parts, each finished run kept, nothing trained twice."""
+import json
+from pathlib import Path
+
+import pytest
+
+import bench
+from benchmarks import paper, quality
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+def _kept(keep: Path) -> set[str]:
+    return {f"{p.parent.name}/{p.name}" for p in keep.glob("*/*") if (p / "log.jsonl").exists()}
+
+
+def test_the_paper_table_is_built_in_parts_and_never_trains_a_kept_run_twice(tmp_path, monkeypatch):
+    glue = str(GLUE) if (GLUE / "SST-2" / "train.tsv").exists() else ""
+    cfg = lambda **kw: bench.BenchConfig(smoke=True, sections="paper", out_dir=str(tmp_path / "b"),
+                                         data_dir=str(tmp_path / "data"), keep=str(tmp_path / "keep"),
+                                         glue_dir=glue, **kw)
+    keep = paper.keep_dir(cfg())
+    # Part 1: one run of one model, as a short GPU call would.
+    bench.main(cfg(models="dense", max_runs=1))
+    assert _kept(keep) == {"sweep/dense_lr0.0003"}
+    assert not (tmp_path / "b" / "paper" / keep.name / "sweep" / "dense_lr0.0003" / "ckpt.pt").exists()
+
+    # Part 2: the rest. The sweep decides each model's final lr; finals are measured.
+    rows = bench.main(cfg(parallel=2))["paper"]
+    r = paper.regime(cfg())
+    sweep = {f"sweep/{m}_lr{lr:g}" for m in paper.MODELS for lr in paper.sweep_lrs(keep, m, r["lrs"])}
+    best = {m: paper.best_lr(keep, m, r["lrs"]) for m in paper.MODELS}
+    finals = {f"final/{m}_lr{best[m]:g}_s{i}" for m in paper.MODELS for i in range(r["seeds"])}
+    assert _kept(keep) == sweep | finals
+    for m in paper.MODELS:
+        lrs = paper.sweep_lrs(keep, m, r["lrs"])
+        ppl = {lr: paper._final_ppl(keep / "sweep" / f"{m}_lr{lr:g}") for lr in lrs}
+        assert best[m] == min(ppl, key=ppl.get)
+        assert min(lrs) < best[m] < max(lrs) or len(lrs) == len(r["lrs"]) + paper.WIDEN
+    for name in finals:
+        measures = json.loads((keep / name / "measures.json").read_text())
+        assert ("heldout_load_cv" in measures) == ("dense" not in name)
+        assert ("val_loss_int4" in measures) == ("clustered" in name)
+        if glue:
+            assert set(measures["glue"]) == {"cola", "sst2", "stsb"}
+    by_model = {row["model"]: row for row in rows if row["phase"] == "final"}
+    assert set(by_model) == {*paper.MODELS, "clustered + INT4 (same checkpoints)"}
+    for m in paper.MODELS:  # the row is the mean over the kept seeds' last perplexities
+        values = [json.loads((keep / n / "log.jsonl").read_text().splitlines()[-1])["val_ppl"]
+                  for n in sorted(finals) if n.startswith(f"final/{m}_")]
+        mean = float(by_model[m]["val_ppl"].split(" ± ")[0])
+        assert mean == pytest.approx(sum(values) / len(values), abs=0.06)
+        assert by_model[m]["tokens_per_step"] == 2 * 32 * 2 and by_model[m]["seeds"] == 2
+    assert "vs_topk" in by_model["clustered"] and "vs_dense" in by_model["topk"]
+    assert json.loads((keep / "speed.json").read_text())["cpu"].keys() == set(paper.MODELS)
+
+    # Part 3: everything is kept, so a call trains nothing and gives the same table.
+    monkeypatch.setattr(quality, "train", lambda tc: pytest.fail(f"trained {tc.out_dir} again"))
+    monkeypatch.setattr(quality.subprocess, "Popen", lambda *a, **k: pytest.fail("started a run again"))
+    again = bench.main(cfg(parallel=2))["paper"]
+    assert json.dumps(again) == json.dumps(rows)   # (as text: CPU memory figures are nan)
+
+
+def test_models_must_name_the_tables_models(tmp_path):
+    cfg = bench.BenchConfig(smoke=True, sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"),
+                            models="dense,moe")
+    with pytest.raises(ValueError, match="models must name some of dense,topk,clustered"):
+        bench.main(cfg)
+
+
+def _sweep_run(keep: Path, model: str, lr: float, ppl: float) -> None:
+    folder = keep / "sweep" / f"{model}_lr{lr:g}"
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text(json.dumps({"iter": 500, "val_ppl": ppl}) + "\n")
+
+
+def test_a_sweep_widens_past_an_edge_that_wins_and_decides_only_inside_it(tmp_path):
+    grid = (3e-4, 6e-4, 1e-3)
+    for lr, ppl in zip(grid, (273, 236, 230)):          # best at the top edge: not yet a best
+        _sweep_run(tmp_path, "topk", lr, ppl)
+    assert paper.sweep_lrs(tmp_path, "topk", grid) == [3e-4, 6e-4, 1e-3, 2e-3]
+    assert paper.best_lr(tmp_path, "topk", grid) is None       # the final waits for 2e-3
+    _sweep_run(tmp_path, "topk", 2e-3, 240)
+    assert paper.best_lr(tmp_path, "topk", grid) == 1e-3
+    for lr, ppl in zip(grid, (200, 210, 220)):          # best at the bottom: halve, twice at most
+        _sweep_run(tmp_path, "dense", lr, ppl)
+    _sweep_run(tmp_path, "dense", 1.5e-4, 190)
+    _sweep_run(tmp_path, "dense", 7.5e-5, 180)
+    assert paper.sweep_lrs(tmp_path, "dense", grid) == [7.5e-5, 1.5e-4, 3e-4, 6e-4, 1e-3]
+    assert paper.best_lr(tmp_path, "dense", grid) == 7.5e-5    # the widening stops: the edge stands
+    for lr, ppl in zip(grid, (300, 250, 260)):          # best inside: the grid as given
+        _sweep_run(tmp_path, "clustered", lr, ppl)
+    assert paper.sweep_lrs(tmp_path, "clustered", grid) == list(grid)
+    assert paper.best_lr(tmp_path, "clustered", grid) == 6e-4
+
+
+def test_a_kept_run_of_other_settings_is_refused_not_reused(tmp_path):
+    cfg = bench.BenchConfig(smoke=True, sections="paper", out_dir=str(tmp_path / "b"),
+                            data_dir=str(tmp_path / "data"), keep=str(tmp_path / "keep"))
+    bench.main(bench.BenchConfig(**{**cfg.__dict__, "models": "dense", "max_runs": 1}))
+    kept = paper.keep_dir(cfg) / "sweep" / "dense_lr0.0003" / "config.json"
+    record = json.loads(kept.read_text())
+    record["config"]["n_layer"] = 3
+    kept.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="trained with other settings than this plan .n_layer: kept 3, plan 1"):
+        bench.main(cfg)
+
+
+def test_tokens_per_step_must_fill_whole_micro_batches(tmp_path):
+    cfg = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"),
+                            tokens_per_step=10000, device="cpu")
+    with pytest.raises(ValueError, match="tokens_per_step must be a multiple of 8192"):
+        bench.main(cfg)
