@@ -1,12 +1,11 @@
-"""Online expert clustering: which experts belong together, and carrying training through it.
+"""Online expert clustering: which experts belong together.
 
 Owns: the expert similarities (parameter and activation views, fused), a balanced k-means
 into G equal clusters (k-means++ seeding with a seed, warm start from the current groups),
-`propose` (a pure function: similarity -> grouping -> gain), `recluster` (propose for one
-layer, then the layer applies it: moe.MoE.cluster the first time, moe.MoE.regroup after), and
-`carry_optimizer_state` (the optimizer's state follows the experts).
-Does not own: when to recluster (train.py), how a layer changes (moe.py), factor math
-(compress.py).
+`ClusterSettings` (how a grouping is proposed: built once from the run's config), and
+`propose` (a pure function: one layer's tensors -> similarity -> grouping -> gain).
+Does not own: applying a grouping to a layer (regroup.py), when to recluster (train.py),
+factor math (compress.py).
 
 Similarity of experts i, j: an E x E matrix, s = alpha * s_param + (1 - alpha) * s_act, each
 a cosine in [-1, 1]; `similarity="PARAM+ACT"` picks one view of each:
@@ -23,17 +22,29 @@ their weights, outputs and input means agree through the cluster itself; "specif
 that shared part down and "scores" asks the flat router about the same probe tokens, so a
 cluster cannot lock its members in. docs/design.md gives the measurements behind the default.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-
-from moe import Regrouping
 
 PARAM_VIEWS = ("weights", "specific", "outputs")
 ACT_VIEWS = ("routed", "centroids", "scores")
-DEFAULT_SIMILARITY = "specific+scores"
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How a grouping is proposed; the defaults of train.py's flags are these."""
+    alpha: float = 0.7                   # weight of the parameter view vs the activation view
+    similarity: str = "specific+scores"  # PARAM+ACT: one view of each (the module docstring)
+    min_gain: float = 0.01               # keep the groups unless regrouping gains this much
+    restarts: int = 8                    # k-means++ restarts beside the warm start
+    random_groups: bool = False          # the first grouping drawn at random (an ablation)
+
+    @classmethod
+    def of(cls, cfg) -> "ClusterSettings":
+        """From a train.TrainConfig."""
+        return cls(cfg.alpha, cfg.similarity, cfg.min_gain, cfg.kmeans_restarts,
+                   cfg.cluster_mode == "random")
 
 
 def cosine_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -91,7 +102,8 @@ def parse_similarity(similarity: str) -> tuple[str, str]:
 
 
 def expert_similarity(w1, w2, input_mean, router_weight, probe=None, groups=None,
-                     alpha: float = 0.7, similarity: str = DEFAULT_SIMILARITY) -> torch.Tensor:
+                      alpha: float = ClusterSettings.alpha,
+                      similarity: str = ClusterSettings.similarity) -> torch.Tensor:
     """Expert weights (E,d,h), (E,h,d), input means (E,d), router rows (E,d), probe (n,d) or
     None, clusters (E,) or None -> (E, E). With no probe rows, outputs falls back to weights
     and scores to routed (a layer that has not been trained yet)."""
@@ -201,106 +213,21 @@ class Proposal:
 
 
 @torch.no_grad()
-def propose(w1, w2, input_mean, router_weight, probe, groups, n_clusters: int, alpha: float = 0.7,
-            similarity: str = DEFAULT_SIMILARITY, min_gain: float = 0.01, seed: int = 0,
-            restarts: int = 8, random_groups: bool = False) -> Proposal:
+def propose(w1, w2, input_mean, router_weight, probe, groups, n_clusters: int,
+            settings: ClusterSettings = ClusterSettings(), seed: int = 0) -> Proposal:
     """Expert weights (E,d,h), (E,h,d), input means (E,d), router rows (E,d), probe (n,d),
     current groups (E,) or None before the first clustering -> the balanced k-means grouping
     of their fused similarity, warm-started from the current groups (a pure function).
-    random_groups: the first grouping is drawn at random (seeded) instead, the 'no online
-    clustering' ablation."""
+    settings.random_groups: the first grouping is drawn at random (seeded) instead, the 'no
+    online clustering' ablation."""
     n_experts = w1.shape[0]
     first = groups is None
     current = torch.arange(n_experts) // (n_experts // n_clusters)   # slots are cluster-major
-    sim = expert_similarity(w1, w2, input_mean, router_weight, probe, groups, alpha,
-                            similarity).cpu()
-    assignment = balanced_kmeans(sim, n_clusters, groups, seed, restarts=restarts)
-    if random_groups and first:
+    sim = expert_similarity(w1, w2, input_mean, router_weight, probe, groups, settings.alpha,
+                            settings.similarity).cpu()
+    assignment = balanced_kmeans(sim, n_clusters, groups, seed, restarts=settings.restarts)
+    if settings.random_groups and first:
         assignment = torch.randperm(n_experts, generator=torch.Generator().manual_seed(seed)) % n_clusters
     gain = within_similarity(sim, assignment) - within_similarity(sim, current)
-    skipped = not first and gain < min_gain
+    skipped = not first and gain < settings.min_gain
     return Proposal(current if skipped else assignment, gain, skipped)
-
-
-@torch.no_grad()
-def recluster(layer, alpha: float = 0.7, seed: int = 0, similarity: str = DEFAULT_SIMILARITY,
-              min_gain: float = 0.01, restarts: int = 8, random_groups: bool = False) -> Regrouping:
-    """Propose a grouping from one moe.MoE layer's weights and statistics, and let the layer
-    apply it: MoE.cluster the first time (a top-k layer becomes clustered), MoE.regroup after
-    (every cluster is re-factorized even when the groups stay: training moves each residual
-    off the shared mean, and re-centring puts it back). -> the layer's Regrouping."""
-    cfg = layer.cfg
-    first = not layer.has_clusters
-    w1, w2 = (w.detach() for w in layer.bank.weights())
-    probe = layer.probe[:min(int(layer.probe_seen), layer.probe.shape[0])]
-    groups = None if first else torch.arange(cfg.n_experts) // (cfg.n_experts // cfg.n_clusters)
-    proposal = propose(w1, w2, layer.input_mean, layer.router.weight, probe, groups,
-                       cfg.n_clusters, alpha, similarity, min_gain, seed, restarts, random_groups)
-    if first:
-        return layer.cluster(proposal.assignment, proposal.gain, w1, w2)
-    return layer.regroup(proposal.assignment, proposal.gain, proposal.skipped, w1, w2)
-
-
-@dataclass
-class Recluster:
-    """One recluster event over a model's layers."""
-    moved: int = 0                                   # experts that changed cluster, all layers
-    gain: list = field(default_factory=list)         # per layer
-    skipped: list = field(default_factory=list)      # per layer
-    reset: list = field(default_factory=list)        # parameters created (no optimizer state)
-    carry: dict = field(default_factory=dict)        # see moe.Regrouping
-    created: bool = False                            # parameters were replaced: rebuild the optimizer
-    seconds: float = 0.0                             # the regrouping's wall time (train.py)
-    shock_s: float = 0.0                             # the shock measurement's wall time (train.py)
-
-    def add(self, layer: Regrouping):
-        self.moved += layer.moved
-        self.gain.append(layer.gain)
-        self.skipped.append(layer.skipped)
-        self.reset += layer.reset
-        self.carry.update(layer.carry)
-        self.created |= bool(layer.reset)
-
-
-def recluster_model(model: nn.Module, alpha: float = 0.7, seed: int = 0,
-                    similarity: str = DEFAULT_SIMILARITY, min_gain: float = 0.01,
-                    restarts: int = 8, random_groups: bool = False) -> Recluster:
-    """recluster every MoE layer of a GPT (layer i with seed + i)."""
-    total = Recluster()
-    for i, layer in enumerate(model.moe_layers()):
-        total.add(recluster(layer, alpha, seed + i, similarity, min_gain, restarts, random_groups))
-    return total
-
-
-def carry_rows(state: dict, index: torch.Tensor | None, keep: torch.Tensor | None) -> dict:
-    """One parameter's optimizer state (e.g. AdamW's step, exp_avg, exp_avg_sq) -> the state
-    for the regrouped parameter: tensors shaped like it take rows `index` along dim 0, rows
-    where `keep` is False become zero; scalars (the step count) stay. Zeroed moments under an
-    advanced step count (no bias correction left) make a row's update m / sqrt(v) start at
-    (1 - beta1) / sqrt(1 - beta2) of a fresh optimizer's: 0.45x with train.py's betas
-    (0.9, 0.95), at most 1.1x later, a gentle restart (with beta2 = 0.999 it would be 3.2x)."""
-    if index is None and keep is None:
-        return state
-    out = {}
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.dim() > 0:
-            if index is not None:
-                value = value[index.to(value.device)]
-            if keep is not None:
-                mask = keep.to(value.device).view(-1, *[1] * (value.dim() - 1))
-                value = torch.where(mask, value, torch.zeros((), dtype=value.dtype,
-                                                            device=value.device))
-        out[key] = value
-    return out
-
-
-def carry_optimizer_state(optimizer: torch.optim.Optimizer, result) -> None:
-    """Apply a recluster(_model) result to an optimizer's state, in place: drop the state of
-    `reset` parameters, permute and zero rows of `carry` parameters. Parameters are the same
-    objects before and after a recluster (the bank is filled in place), so the optimizer
-    itself survives; only the first clustering creates parameters (rebuild it then)."""
-    for param in result.reset:
-        optimizer.state.pop(param, None)
-    for param, (index, keep) in result.carry.items():
-        if param in optimizer.state:
-            optimizer.state[param] = carry_rows(optimizer.state[param], index, keep)

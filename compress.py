@@ -125,28 +125,29 @@ def align_gauge(u: torch.Tensor, v: torch.Tensor, u_ref: torch.Tensor, v_ref: to
     return (u.float() @ rotation).to(u.dtype), (rotation.transpose(1, 2) @ v.float()).to(v.dtype)
 
 
-def refactor(w1, w2, bases, factors, assignment, current, order, source, n_clusters: int,
-             rank: int):
+def refactor(w1, w2, bases, factors, order, kept, rank: int):
     """A regrouped layer's new bases and residuals, cluster-major (factorize's outputs): an SVD
     of the materialized experts w1 (E, d, h), w2 (E, h, d) where the groups changed, else
     refactorize in factored form (the same result without an SVD per expert); clusters whose
-    members stayed (source >= 0: the old cluster each new one equals) keep their factors'
-    basis (align_gauge), so the optimizer state built on those factors still fits.
-    bases (B1, B2) and factors (U1, V1, U2, V2, per expert) are the bank's before the regroup;
-    order: new slot i holds old slot order[i]."""
+    members stayed (kept (G,) True) keep their factors' basis (align_gauge), so the optimizer
+    state built on those factors still fits. bases (B1, B2) and factors (U1, V1, U2, V2, per
+    expert) are the bank's before the regroup; order (E,): new slot i holds old slot order[i]."""
+    n_clusters = bases[0].shape[0]
     m = w1.shape[0] // n_clusters
-    if not torch.equal(assignment, current):
+    if not torch.equal(order, torch.arange(len(order))):
+        assignment = torch.empty_like(order)
+        assignment[order] = torch.arange(len(order)) // m                # new cluster of each old slot
         _, base1, u1, v1 = factorize(w1, assignment.to(w1.device), n_clusters, rank)
         _, base2, u2, v2 = factorize(w2, assignment.to(w2.device), n_clusters, rank)
     else:  # same groups: identical to an SVD of the materialized experts, without one
         base1, u1, v1 = refactorize(bases[0], factors[0], factors[1], rank)
         base2, u2, v2 = refactorize(bases[1], factors[2], factors[3], rank)
-    if bool((source >= 0).any()):
-        kept = (source >= 0).repeat_interleave(m).to(w1.device)      # (E,) slots of kept clusters
+    if bool(kept.any()):
+        slots = kept.repeat_interleave(m).to(w1.device)               # (E,) slots of kept clusters
         new, old = [u1, v1, u2, v2], [f[order.to(w1.device)] for f in factors]
         for i in (0, 2):
-            u_al, v_al = align_gauge(new[i][kept], new[i + 1][kept], old[i][kept], old[i + 1][kept])
-            new[i][kept], new[i + 1][kept] = u_al, v_al
+            u_al, v_al = align_gauge(new[i][slots], new[i + 1][slots], old[i][slots], old[i + 1][slots])
+            new[i][slots], new[i + 1][slots] = u_al, v_al
         u1, v1, u2, v2 = new
     return base1, u1, v1, base2, u2, v2
 

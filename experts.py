@@ -5,7 +5,7 @@ portable fallback) and `resolve_matmul`, which turns `moe_impl` into the one fun
 calls; `ExpertBank` (E independent GELU MLPs, the top-k baseline) and `ClusteredBank` (per
 cluster a shared base, per expert rank-r residuals) with the forward docs/design.md calls the hot
 path. Both banks take (x, routing[, weights]) and return (N, d).
-Does not own: routing (router.py), factorization math (compress.py), regrouping (cluster.py),
+Does not own: routing (router.py), factorization math (compress.py), regrouping (regroup.py),
 initial values (model.init_weights: banks are created empty).
 
 Shapes: N tokens, d model width (n_embd), h expert hidden width (ffn_hidden), E experts,
@@ -177,7 +177,7 @@ class ClusteredBank(nn.Module):
     [U1_e for e in cluster] concatenated along the rank axis, v1 (G, m*r, h) stacked. Then
     one grouped matmul gives every member's rank-r code for each token, in cluster order,
     with no per-expert sort. Expert e = g*m + j owns columns j*r:(j+1)*r.
-    Created empty (zeros): cluster.recluster fills it from trained experts.
+    Created empty (zeros): regroup.recluster fills it from trained experts.
     """
 
     BASES, FACTORS = ("base1", "base2"), ("u1", "v1", "u2", "v2")

@@ -8,7 +8,7 @@ Shapes: B batch, T time, C = n_embd (experts.py's d).
 
 `moe` picks the feed-forward: 'dense' (one MLP, width top_k * ffn_hidden, so it computes the
 same FFN FLOPs per token as top-k MoE), 'topk' (E experts, top-k), or 'clustered' (trains as
-top-k until cluster.recluster first converts each layer to a ClusteredBank with a
+top-k until regroup.recluster first converts each layer to a ClusteredBank with a
 hierarchical router).
 """
 import math
@@ -145,7 +145,7 @@ def init_weights(root: nn.Module, n_layer: int) -> None:
       expert W2): N(0, 0.02 / sqrt(2 * n_layer)), so the stream's variance does not grow
       with depth (two writes per block)
     - LayerNorm: weight 1, bias 0
-    - the cluster router and a clustered bank: zeros; cluster.recluster fills them from the
+    - the cluster router and a clustered bank: zeros; regroup.recluster fills them from the
       trained experts (the paper clusters trained experts, it does not start clustered)
     """
     out_std = 0.02 / math.sqrt(2 * n_layer)

@@ -1,37 +1,21 @@
-"""The MoE layer: a router, an expert bank, and the state the layer keeps about its experts.
+"""The MoE layer as it runs: a router, an expert bank, and the state it keeps about its experts.
 
 Owns: `MoE` (route -> dispatch -> record), its state as parameters and buffers so a checkpoint
 captures everything (router rows, the bank, the cluster router once clustered, running loads,
 each expert's mean input, a probe of recent inputs, the balancing biases), the bias update
-after each step (`balance_step`), and changing its own experts: `cluster` (the first
-clustering: a top-k layer becomes clustered) and `regroup` (later reclusters), each of which
-applies a grouping that cluster.py proposed and returns a `Regrouping` saying what moved.
+after each step (`balance_step`), and its two shapes: top-k, or clustered (`make_clustered`).
 Also the hooks the machinery plugs into: `dispatch` (expert parallelism replaces it) and an
 offloader attached with `attach_offload` (offload.py).
-Does not own: routing math (router.py), expert compute (experts.py), factor math
-(compress.py), which grouping to take (cluster.py), the network around it (model.py).
+Does not own: routing math (router.py), expert compute (experts.py), how its experts are
+regrouped (cluster.py proposes, regroup.py applies), the network around it (model.py).
 Shapes: N tokens, C = d = n_embd, E experts, G clusters of m = E / G, k experts per token.
 """
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compress import cluster_order, factorize, refactor
 from experts import ClusteredBank, ExpertBank, resolve_combine, resolve_matmul
 from router import Routing, bias_update, hierarchical_route, topk_route
-
-
-@dataclass
-class Regrouping:
-    """What MoE.cluster / MoE.regroup changed; cluster.carry_optimizer_state applies it."""
-    moved: int                       # experts that changed cluster
-    gain: float                      # within-cluster similarity gain of the proposal
-    skipped: bool                    # the proposal kept the old groups (gain below min_gain)
-    reset: list = field(default_factory=list)   # parameters created: no state to carry
-    carry: dict = field(default_factory=dict)   # parameter -> (index, keep): new row i of its
-    # optimizer state is old row index[i] (None: same rows); rows where keep is False restart
 
 
 class MoE(nn.Module):
@@ -198,85 +182,14 @@ class MoE(nn.Module):
         """h: this block's LayerNorm'd input (B, T, C), seen before attention runs."""
         self.offload.anticipate(self.offload_index, h)
 
-    # ----- changing its experts: the first clustering, then regroupings -----
+    # ----- its clustered shape (regroup.py fills it) -----
 
     def make_clustered(self):
         """Add the (empty) cluster router and, with compress, swap in an empty ClusteredBank;
-        cluster() fills them. Without compress the experts stay full (only reordered)."""
+        regroup.first_clustering fills them. Without compress the experts stay full."""
         cfg, device = self.cfg, self.router.weight.device
         if cfg.compress:
             self.bank = ClusteredBank(cfg.n_clusters, cfg.n_experts // cfg.n_clusters, cfg.n_embd,
                                       cfg.ffn_hidden, cfg.rank).to(device)
         self.cluster_router = nn.Parameter(torch.zeros(cfg.n_clusters, cfg.n_embd, device=device))
         self._resolve_impl()
-
-    @torch.no_grad()
-    def cluster(self, assignment: torch.Tensor, gain: float, w1, w2) -> Regrouping:
-        """The first clustering: the trained top-k experts w1 (E, d, h), w2 (E, h, d) go into
-        the G groups of `assignment` (E,), each factorized into a shared base + rank-r
-        residuals (compress.factorize); per-expert state follows its expert into cluster-major
-        slot order; each cluster's router row starts as the mean of its members' rows."""
-        cfg = self.cfg
-        order = cluster_order(assignment, cfg.n_clusters)                # new slot i <- old order[i]
-        if cfg.compress:
-            factors = [t for w in (w1, w2)
-                       for t in factorize(w, assignment.to(w.device), cfg.n_clusters, cfg.rank)[1:]]
-        self.make_clustered()
-        if cfg.compress:
-            self.bank.load_factors(*factors)
-        carry = self._follow(order)
-        self.cluster_router.copy_(self.router.weight.view(cfg.n_clusters, -1, cfg.n_embd).mean(1))
-        self.cluster_bias.zero_()
-        self.n_reclusters += 1
-        created = [self.cluster_router] + (list(self.bank.parameters()) if cfg.compress else [])
-        return Regrouping(0, gain, False, created, carry)
-
-    @torch.no_grad()
-    def regroup(self, assignment: torch.Tensor, gain: float, skipped: bool, w1, w2) -> Regrouping:
-        """A later recluster: the experts (materialized w1, w2) go into the groups of
-        `assignment` (E,; the current groups when the proposal was skipped) and every cluster
-        is re-factorized (compress.refactor: re-centred, re-truncated, in the old basis where
-        its members stayed). A cluster whose members stayed keeps its router row, balancing
-        bias and optimizer state; a changed one starts from its members' mean row."""
-        cfg = self.cfg
-        n_clusters, m = cfg.n_clusters, cfg.n_experts // cfg.n_clusters
-        current = torch.arange(cfg.n_experts) // m                        # slots are cluster-major
-        order = cluster_order(assignment, n_clusters)
-        old_of = current[order].view(n_clusters, m)      # the old cluster of each new member
-        source = torch.where((old_of == old_of[:, :1]).all(1), old_of[:, 0], -1)  # -1: changed
-        if cfg.compress:
-            bank = self.bank
-            factors = refactor(w1, w2, (bank.base1, bank.base2), bank.factors(), assignment,
-                               current, order, source, n_clusters, cfg.rank)
-            bank.load_factors(*factors)
-        old_rows, old_bias = self.cluster_router.detach().clone(), self.cluster_bias.clone()
-        carry = self._follow(order)
-        rows = self.router.weight.view(n_clusters, m, -1).mean(1)        # (G, d) member means
-        bias = torch.zeros_like(old_bias)
-        keep = source >= 0
-        rows[keep.to(rows.device)] = old_rows[source[keep].to(rows.device)]
-        bias[keep.to(bias.device)] = old_bias[source[keep].to(bias.device)]
-        self.cluster_router.copy_(rows)
-        self.cluster_bias.copy_(bias)
-        self.n_reclusters += 1
-        if not bool((source == torch.arange(n_clusters)).all()):  # clusters' state rows follow
-            index = torch.where(keep, source, torch.arange(n_clusters))
-            for param in [self.cluster_router] + (list(self.bank.parameters()) if cfg.compress else []):
-                carry[param] = (index, keep)
-        moved = int((current[order] != assignment[order]).sum())
-        return Regrouping(moved, gain, skipped, [], carry)
-
-    def _follow(self, order: torch.Tensor) -> dict:
-        """Per-expert state follows its expert to slot i <- order[i] (router rows, statistics,
-        biases; the whole experts when they are not compressed). -> the optimizer carry for
-        the parameters among them."""
-        whole = [] if self.cfg.compress else list(self.bank.parameters())
-        per_expert = [self.router.weight, self.input_mean, self.expert_ids, self.expert_counts,
-                      self.expert_bias] + whole
-        params = [self.router.weight] + whole
-        if torch.equal(order, torch.arange(len(order))):
-            return {}
-        order_dev = order.to(self.router.weight.device)
-        for tensor in per_expert:
-            tensor.copy_(tensor[order_dev])
-        return {param: (order, None) for param in params}

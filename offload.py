@@ -102,7 +102,7 @@ class ClusterOffloader:
         self.layers = [layer for layer in model.moe_layers() if layer.compressed]
         if not self.layers:
             raise ValueError("offload needs clustered MoE layers (train with --moe=clustered "
-                             "past burn_in, or run cluster.recluster_model first)")
+                             "past burn_in, or run regroup.recluster_model first)")
         cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.cpu = {}  # (layer, cluster) -> {name: pinned CPU tensor or Int4Tensor}

@@ -4,9 +4,9 @@ Owns: TrainConfig and its presets, the training loop (AdamW, warmup + cosine LR,
 accumulation, bf16 autocast, optional torch.compile), atomic checkpoints and exact resume,
 and the reclustering schedule (train as top-k for `burn_in`, then cluster + compress, then
 recluster every `recluster_interval`; the optimizer state follows the experts).
-The seam for several processes is `OneProcess`: under torchrun, parallel/ddp.py's
-DataParallel or parallel/ep_state.py's ExpertParallel take its place. What a run records
-and prints is train_log.py's; flags, devices and checkpoint files are cli.py's.
+The loop calls its hooks on a strategy object (strategy.py's OneProcess; under torchrun,
+parallel/'s DataParallel or ExpertParallel). What a run records and prints is train_log.py's;
+flags, devices and checkpoint files are cli.py's.
 """
 import os
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 import data
 from cli import (UsageError, check_out_dir, clear_out_dir, load_model, parse_config,
-                 resolve_device, restore_rng, rng_state, run, save_atomic)
-from cluster import Recluster, carry_optimizer_state, parse_similarity, recluster_model
+                 restore_rng, rng_state, run, save_atomic)
+from cluster import ClusterSettings, parse_similarity
 from model import GPT, GPTConfig
+from strategy import OneProcess, make_strategy
 from train_log import (Interval, close_interval, diverged, evaluate, log_record, log_recluster,
                        sample_text, startup_summary, trim_logs, write_config)
 
@@ -61,10 +62,10 @@ class TrainConfig(GPTConfig):
     burn_in: int = 100             # train as a top-k MoE this long, then cluster + compress
     recluster_interval: int = 100  # iterations between reclusters after that
     cluster_mode: str = "dynamic"  # dynamic | static (cluster once) | random (random groups, kept)
-    alpha: float = 0.7             # weight of the parameter view vs the activation view
-    similarity: str = "specific+scores"  # PARAM+ACT views of the expert similarity (cluster.py)
-    min_gain: float = 0.01         # keep the groups unless regrouping gains this much similarity
-    kmeans_restarts: int = 8       # k-means++ restarts beside the warm start
+    alpha: float = ClusterSettings.alpha  # weight of the parameter view vs the activation view
+    similarity: str = ClusterSettings.similarity  # PARAM+ACT views of the expert similarity (cluster.py)
+    min_gain: float = ClusterSettings.min_gain  # keep the groups unless regrouping gains this much
+    kmeans_restarts: int = ClusterSettings.restarts  # k-means++ restarts beside the warm start
     shock_iters: int = 10          # val batches scored around each recluster (its shock; 0 = off)
     # data:
     dataset: str = "shakespeare"   # shakespeare | wikitext103 | folders, .zips of .txt (a,b,...)
@@ -178,63 +179,6 @@ def recluster_due(it: int, cfg: TrainConfig) -> bool:
     return (it - cfg.burn_in) % cfg.recluster_interval == 0
 
 
-class OneProcess:
-    """How the loop runs on one device: each hook is what one process does at that point of the
-    loop. parallel/ddp.py's DataParallel and parallel/ep_state.py's ExpertParallel override them."""
-    rank, world, master, everyone_evaluates = 0, 1, True, False
-
-    def __init__(self, device: str, dtype: str):
-        self.device, self.dtype = device, dtype
-
-    def prepare(self, model):                 # after the model is built or loaded
-        pass
-
-    def wrap(self, model):                    # the module the loop calls (DDP wraps it)
-        return model
-
-    def no_sync(self, runner, last_micro: bool):
-        return nullcontext()
-
-    def sync_grads(self, model):              # after the last backward of a step
-        pass
-
-    def clip(self, model, max_norm: float):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-
-    def sum_over_ranks(self, tensors: list):  # in place
-        pass
-
-    def recluster(self, model, optimizer, **kwargs) -> Recluster:
-        """cluster.recluster_model, then the optimizer state follows the experts (when
-        parameters were created, `created` says the optimizer must be rebuilt)."""
-        result = recluster_model(model, **kwargs)
-        carry_optimizer_state(optimizer, result)
-        return result
-
-    def checkpoint_state(self, model, optimizer) -> tuple[dict, dict]:
-        return model.state_dict(), optimizer.state_dict()
-
-    def load_optimizer_state(self, optimizer, state: dict):
-        optimizer.load_state_dict(state)
-
-    def all_rngs(self, rng: dict) -> list:
-        return [rng]
-
-    def barrier(self):                        # every rank waits here for the others
-        pass
-
-    def close(self):
-        pass
-
-
-def make_strategy(cfg: TrainConfig) -> OneProcess:
-    """One process, or (launched by torchrun: RANK is set) DDP or expert parallelism."""
-    if "RANK" not in os.environ:
-        return OneProcess(*resolve_device(cfg.device, cfg.dtype))
-    from parallel.ddp import start     # several processes: machinery, loaded only then
-    return start(cfg)
-
-
 def load_data(cfg: TrainConfig, strategy: OneProcess):
     """Rank 0 prepares (downloads, tokenizes) while the others wait; all then memory-map."""
     for turn in ("master", "others"):
@@ -278,10 +222,7 @@ def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, shock
     t_shock = time.perf_counter()
     before = shock_eval() if measure else None
     t0 = time.perf_counter()
-    result = strategy.recluster(model, optimizer, alpha=cfg.alpha, seed=cfg.seed + it,
-                                similarity=cfg.similarity, min_gain=cfg.min_gain,
-                                restarts=cfg.kmeans_restarts,
-                                random_groups=cfg.cluster_mode == "random")
+    result = strategy.recluster(model, optimizer, ClusterSettings.of(cfg), cfg.seed + it)
     t1 = time.perf_counter()
     after = shock_eval() if measure else None
     result.seconds, result.shock_s = t1 - t0, (t0 - t_shock) + (time.perf_counter() - t1)

@@ -20,7 +20,7 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from cluster import recluster, recluster_model
+from regroup import recluster, recluster_model
 from experts import gelu, grouped_available, resolve_matmul
 from fast.triton_combine import combine_available
 from model import GPT, MLP, GPTConfig, init_weights
@@ -65,7 +65,8 @@ def train_speed(tc, device, repeats: int = 20, warmup: int = 5, peak: float | No
     tc.cuda_graph) on random tokens -> train tokens/s, peak MiB, MFU (model FLOPs over `peak`
     FLOP/s, None without one), parameters, and for clustered models the first clustering's
     seconds."""
-    from train import OneProcess, build_optimizer, train_step
+    from strategy import OneProcess
+    from train import build_optimizer, train_step
     from train_log import Interval
     free_memory(device)
     timings = {}

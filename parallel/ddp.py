@@ -1,4 +1,4 @@
-"""Data parallelism under torchrun: the process group, and train.py's strategy for DDP.
+"""Data parallelism under torchrun: the process group, and the training loop's strategy for DDP.
 
 Owns: `start` (join the process group: gloo on --device=cpu, NCCL with one GPU per process
 otherwise; -> the strategy, DataParallel or, with --expert_parallel, ep_state.ExpertParallel)
@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cli import resolve_device
-from cluster import Recluster
-from train import OneProcess
+from regroup import Recluster
+from strategy import OneProcess
 
 
 class DataParallel(OneProcess):
@@ -38,15 +38,15 @@ class DataParallel(OneProcess):
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(part.view_as(t))
 
-    def recluster(self, model, optimizer, **kwargs) -> Recluster:
+    def recluster(self, model, optimizer, settings, seed: int) -> Recluster:
         # Every rank regroups from rank 0's statistics, so every replica regroups alike.
         for layer in model.moe_layers():
             for buf in layer.buffers():
                 dist.broadcast(buf, 0)
-        return self._regroup(model, optimizer, **kwargs)
+        return self._regroup(model, optimizer, settings, seed)
 
-    def _regroup(self, model, optimizer, **kwargs) -> Recluster:
-        return OneProcess.recluster(self, model, optimizer, **kwargs)
+    def _regroup(self, model, optimizer, settings, seed: int) -> Recluster:
+        return OneProcess.recluster(self, model, optimizer, settings, seed)
 
     def all_rngs(self, rng: dict) -> list:
         rngs = [None] * self.world

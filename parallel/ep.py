@@ -37,7 +37,7 @@ from moe import MoE
 from router import Routing, count
 
 
-# bench_ep.py sets this to a list to time every exchange: (start, end) CUDA events around each.
+# benchmarks/expert_parallel.py sets this to a list to time every exchange: (start, end) CUDA events around each.
 COMM_EVENTS = None
 # And this to True to time the transfer alone: a 1-element all-reduce before each exchange
 # lines the ranks up, so `start` follows the slowest rank's arrival and the wait for it

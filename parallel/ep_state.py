@@ -5,10 +5,10 @@ Owns: `full_state_dict` (a parallelized GPT -> the single-process state_dict a c
 holds), the shards' optimizer moments gathered / re-sliced (`gather_optimizer_state`,
 `shard_optimizer_state`: checkpoints and resume on any number of ranks), and reclustering
 under expert parallelism (`recluster_model`: gather each layer and its moments, regroup with
-cluster.recluster identically on every rank, keep this rank's slice again).
+regroup.recluster identically on every rank, keep this rank's slice again).
 Also `ExpertParallel`, the training loop's strategy for it (train.py's hooks: parallelize
 the model, sync and clip gradients, recluster, gather checkpoints).
-Does not own: the layer, placement or the exchange (ep.py), the regrouping (cluster.py).
+Does not own: the layer, placement or the exchange (ep.py), the regrouping (regroup.py).
 """
 import os
 from contextlib import nullcontext
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from cluster import Recluster, carry_optimizer_state, recluster
+from regroup import Recluster, carry_optimizer_state, recluster
 from parallel import ep
 from parallel.ep import ExpertParallelMoE, gather_state
 from moe import MoE
@@ -56,14 +56,14 @@ def _rows_of(state: dict, rank: int, world: int) -> dict:
 
 
 @torch.no_grad()
-def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs):
-    """cluster.recluster for an expert-parallel layer, with its optimizer state: every rank
+def recluster_layer(layer: "ExpertParallelMoE", optimizer, settings, seed: int):
+    """regroup.recluster for an expert-parallel layer, with its optimizer state: every rank
     gathers the full layer and the shards' moments, regroups it the same way (same
     statistics, same seed: the result is identical on every rank), and keeps its slice
     again. Experts that move to a cluster on another rank arrive there with their weights
     (in the new factorization) and their state rows: the gathered moments are permuted and
     re-zeroed by recluster's carry / reset exactly as one process would, then re-sliced.
-    kwargs: cluster.recluster's. -> (recluster's Regrouping, whose parameters are the
+    -> (recluster's Regrouping, whose parameters are the
     temporary full layer's; whether this layer's parameters were replaced, the first
     clustering, so the optimizer must be rebuilt: their carried state is in optimizer.state)."""
     full = MoE(layer.cfg).to(layer.router.weight.device)
@@ -79,7 +79,7 @@ def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs):
             if name.startswith("bank.") and layer.world > 1:
                 state = _gather_rows(state, layer.group)
             moments.state[params[name]] = state
-    result = recluster(full, **kwargs)
+    result = recluster(full, settings, seed)
     carry_optimizer_state(moments, result)      # exactly what one process does to its optimizer
     states = {name: moments.state[p] for name, p in full.named_parameters() if p in moments.state}
     for param in layer.parameters():
@@ -93,12 +93,12 @@ def recluster_layer(layer: "ExpertParallelMoE", optimizer, **kwargs):
     return result, created
 
 
-def recluster_model(model, optimizer, alpha: float = 0.7, seed: int = 0, **kwargs) -> Recluster:
-    """cluster.recluster_model for a parallelized GPT (collective); the optimizer state is
+def recluster_model(model, optimizer, settings, seed: int = 0) -> Recluster:
+    """regroup.recluster_model for a parallelized GPT (collective); the optimizer state is
     already carried."""
     total = Recluster()
     for i, layer in enumerate(model.moe_layers()):
-        regrouping, created = recluster_layer(layer, optimizer, alpha=alpha, seed=seed + i, **kwargs)
+        regrouping, created = recluster_layer(layer, optimizer, settings, seed + i)
         total.moved += regrouping.moved
         total.gain.append(regrouping.gain)
         total.skipped.append(regrouping.skipped)
@@ -186,8 +186,8 @@ class ExpertParallel(DataParallel):
     def clip(self, model, max_norm: float):
         ep.clip_grad_norm(model, self.shards, max_norm, self.ep_group)
 
-    def _regroup(self, model, optimizer, **kwargs) -> dict:
-        result = recluster_model(model, optimizer, **kwargs)
+    def _regroup(self, model, optimizer, settings, seed: int):
+        result = recluster_model(model, optimizer, settings, seed)
         self._refresh(model)
         return result
 

@@ -1,4 +1,4 @@
-"""parallel/bench_ep.py under torchrun on CPU (gloo): one-rank baseline, then two ranks with scaling."""
+"""benchmarks/expert_parallel.py under torchrun on CPU (gloo): one-rank baseline, then two ranks with scaling."""
 import json
 import os
 import socket
@@ -17,7 +17,7 @@ def _port() -> int:
 
 def _run(nproc, *args):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={_port()}", "-m", "parallel.bench_ep", "--tiny",
+               "--master_addr=127.0.0.1", f"--master_port={_port()}", "-m", "benchmarks.expert_parallel", "--tiny",
                "--block_size=16", "--batch_size=2", "--steps=1", "--warmup=1", *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

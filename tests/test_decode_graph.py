@@ -7,7 +7,7 @@ import torch
 
 import bench
 from benchmarks.decode import COLUMNS, bench_decode
-from cluster import recluster_model
+from regroup import recluster_model
 from fast.decode_graph import GraphedDecodeStep, graph_unsupported
 from generate import KVCache, generate
 from model import GPT, GPTConfig

@@ -6,7 +6,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import pytest
 
-from cluster import recluster
+from cluster import ClusterSettings
+from regroup import recluster
 from parallel.ep import ExpertParallelMoE, gather_state
 from model import GPTConfig, init_weights
 from moe import MoE
@@ -136,7 +137,7 @@ def _recluster_check(rank, world):
     """Two reclusters (the first clustering, then one that moves experts) of an expert-parallel
     layer and of one full layer: same state, same optimizer moments, same outputs."""
     from types import SimpleNamespace
-    from cluster import carry_optimizer_state
+    from regroup import carry_optimizer_state
     from parallel.ep_state import _gather_rows, recluster_layer
     torch.manual_seed(0)
     cfg = GPTConfig(moe="clustered", n_embd=D, ffn_hidden=H, n_experts=E, top_k=K, n_clusters=G,
@@ -155,14 +156,14 @@ def _recluster_check(rank, world):
         ep_opt.state[p] = {k: v.chunk(world)[rank] if name.startswith("bank.") and v.dim() else v
                            for k, v in full.items()}
 
-    for round_, kwargs in enumerate([{}, {"alpha": 0.0, "min_gain": -1.0}]):
+    for round_, settings in enumerate([ClusterSettings(), ClusterSettings(alpha=0.0, min_gain=-1.0)]):
         if round_ == 1:  # swap two experts' router rows across clusters (on both): they must move
             for lay in (ref, layer):
                 rows = lay.router.weight.data
                 rows[[0, E // G]] = rows[[E // G, 0]]
-        result = recluster(ref, seed=3, **kwargs)
+        result = recluster(ref, settings, seed=3)
         carry_optimizer_state(ref_opt, result)
-        got, created = recluster_layer(layer, ep_opt, seed=3, **kwargs)
+        got, created = recluster_layer(layer, ep_opt, settings, seed=3)
         assert got.moved == result.moved
         assert created == (round_ == 0)
         if round_ == 1:

@@ -50,7 +50,7 @@ def test_config_errors_name_the_rule():
 
 
 def test_clustered_state_dict_round_trip():
-    from cluster import recluster_model
+    from regroup import recluster_model
     torch.manual_seed(0)
     model = GPT(GPTConfig(moe="clustered", **SMALL))
     recluster_model(model)

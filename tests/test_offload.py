@@ -3,7 +3,7 @@ next-layer predictions on scripted routing, CUDA path with copy timing."""
 import pytest
 import torch
 
-from cluster import recluster_model
+from regroup import recluster_model
 from generate import generate
 from model import GPT, GPTConfig
 from offload import ClusterOffloader

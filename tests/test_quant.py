@@ -240,7 +240,7 @@ def test_pinned_copy_to_cuda_dequantizes_like_cpu(symmetric):
 # ---- quantize_model: a clustered GPT stored as FP16 bases + INT4 factors -------------------
 
 def _clustered_gpt():
-    from cluster import recluster_model
+    from regroup import recluster_model
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, ffn_hidden=128,

@@ -176,9 +176,10 @@ def test_planted_imbalance_is_removed_by_the_bias_alone():
 
 
 def test_planted_imbalance_inside_clusters_is_removed_at_both_stages():
-    from cluster import recluster
+    from cluster import ClusterSettings
+    from regroup import recluster
     layer = _planted_layer()
-    recluster(layer, restarts=0)                       # 2 clusters of 4, hierarchical routing
+    recluster(layer, ClusterSettings(restarts=0))                       # 2 clusters of 4, hierarchical routing
     with torch.no_grad():
         layer.cluster_router[0] += 0.15                # and every token leans to cluster 0
     cvs, cluster_cvs = [], []

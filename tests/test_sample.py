@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sample
-from cluster import recluster_model
+from regroup import recluster_model
 from model import GPT
 from quant import quantize_model
 from train import TrainConfig, parse_config

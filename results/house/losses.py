@@ -27,7 +27,9 @@ BURN = {"burn_in": 10} if renamed else {"warmup_iters": 10}
 RUNS = {"dense": dict(moe="dense"), "topk": dict(moe="topk"),
         "topk_bias": dict(moe="topk", balance="bias", bias_rate=0.01),
         "clustered": dict(moe="clustered", recluster_interval=5, **BURN),
-        "clustered_bias": dict(moe="clustered", balance="bias", recluster_interval=5, **BURN)}
+        "clustered_bias": dict(moe="clustered", balance="bias", recluster_interval=5, **BURN),
+        # router scores alone: regroups that move experts, so the moving path is covered too
+        "clustered_alpha0": dict(moe="clustered", alpha=0.0, recluster_interval=5, **BURN)}
 
 out = {}
 with tempfile.TemporaryDirectory() as tmp:
@@ -39,7 +41,8 @@ with tempfile.TemporaryDirectory() as tmp:
         for key in sorted(weights):
             digest.update(key.encode())
             digest.update(weights[key].float().numpy().tobytes())
-        out[name] = {"train_loss": [r["train_loss"] for r in log],
+        moved = [r.get("experts_moved", 0) for r in log]
+        out[name] = {"train_loss": [r["train_loss"] for r in log], "experts_moved": moved,
                      "val_loss": [r["val_loss"] for r in log], "weights_sha256": digest.hexdigest()}
 Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 print(json.dumps(out, indent=1))

@@ -1,7 +1,7 @@
 """Expert parallelism, measured: one training step of top-k and clustered models under torchrun.
 
-    torchrun --nproc_per_node=2 -m parallel.bench_ep --preset=paper   # 2 GPUs, NCCL
-    torchrun --nproc_per_node=1 -m parallel.bench_ep --preset=paper   # the one-GPU baseline
+    torchrun --nproc_per_node=2 -m benchmarks.expert_parallel --preset=paper   # 2 GPUs, NCCL
+    torchrun --nproc_per_node=1 -m benchmarks.expert_parallel --preset=paper   # the one-GPU baseline
 
 Owns: the expert-parallel benchmark. Every rank builds the same random-init model (clustered
 ones clustered at once, as bench.py does), ep.parallelize splits each bank over all ranks
@@ -143,7 +143,7 @@ def bench_model(cfg: EPBenchConfig, moe: str, rank: int, world: int, device) -> 
 def main(argv) -> list[dict]:
     cfg = parse_config(EPBenchConfig, argv)
     if "RANK" not in os.environ:
-        sys.exit("error: run it under torchrun: torchrun --nproc_per_node=N -m parallel.bench_ep")
+        sys.exit("error: run it under torchrun: torchrun --nproc_per_node=N -m benchmarks.expert_parallel")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
