@@ -2,7 +2,8 @@
 
 Owns: `parse_config` (any dataclass; unknown keys are an error listing the valid ones; named
 presets with explicit flags winning; `--help` prints every flag with the comment beside its
-field, under the group comments of its dataclass), `run` (an entry point's errors in its
+field, under the group comments of its dataclass), `check_rules` (a config's rules -> one
+error), `run` (an entry point's errors in its
 input become one line, `--debug` shows the traceback), `resolve_device`, `save_atomic`
 (temp file + rename, so a crash or a full disk never leaves a half-written checkpoint), and
 reading checkpoints safely (`weights_only=True`: a checkpoint from elsewhere cannot run code;
@@ -46,6 +47,13 @@ def run(main, argv: list[str]):
         if debug:
             raise
         sys.exit("error: " + " ".join(str(error).split()))
+
+
+def check_rules(rules: list[tuple[bool, str]], what: str) -> None:
+    """A config's rules, (holds, message) each -> a ValueError for the first that fails."""
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(f"bad {what} config: {message}")
 
 
 def describe(cls) -> list[tuple[str, str, str]]:

@@ -4,8 +4,9 @@ held out in-domain for validation.
 Owns: finding the documents (`text_sources`: folders, zips, a folder of zips; corrupt or
 empty ones named as such), the validation split of a collection (`tail`: the last
 val_fraction of every document, cut at a line start; `documents`: whole documents, a fixed
-seeded choice; `auto`: documents from AUTO_DOCUMENTS_MIN files up, else tails) and
-`prepare_text_collection`, which writes the prepared folder data.py reads.
+seeded choice; `auto`: documents from AUTO_DOCUMENTS_MIN files up, else tails; checked by
+`check_split`), the prepared folder's name (`collection`) and the train and validation texts
+(`split_documents`), which data.py tokenizes and writes.
 Does not own: the tokenizer, the prepared layout or batches (data.py), downloads (download.py).
 """
 import hashlib
@@ -17,11 +18,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import DEFAULT_VAL_FRACTION, _check_split, _write_split, encode_documents, sha256_file
+from download import sha256_file
 
 # From 100 documents up, whole held-out documents sample the collection fairly; below that
 # (14 Gutenberg books) a few whole books make val another domain, so tails are held out.
 AUTO_DOCUMENTS_MIN = 100
+VAL_SPLITS = ("auto", "tail", "documents")
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def check_split(val_split: str, val_fraction: float) -> None:
+    if val_split not in VAL_SPLITS:
+        raise ValueError(f"val_split={val_split!r}: expected one of {'|'.join(VAL_SPLITS)}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}: expected 0 < val_fraction < 1")
 
 
 
@@ -106,24 +116,26 @@ def text_folder_name(sources: list[Path], val_split: str, val_fraction: float) -
     return f"text_{stems}_{val_split}{fraction}"
 
 
-def prepare_text_collection(paths, data_dir, val_split: str = "auto",
-                            val_fraction: float = DEFAULT_VAL_FRACTION) -> Path:
+def collection(paths, val_split: str = "auto", val_fraction: float = DEFAULT_VAL_FRACTION):
     """Folders / .zips of .txt (see text_sources): every file one document, all one collection.
-
-    val_split: 'tail' holds out the last val_fraction of every document, cut at a line start
-    (a document too short to cut stays whole in train); 'documents' holds out whole documents
-    (fixed seeded shuffle, round(n * val_fraction), at least 1); 'auto' is 'documents' from
-    AUTO_DOCUMENTS_MIN files of nonzero size up, else 'tail'. meta.json records the resolved
-    split, and the folder is named after it (text_folder_name), so no switch reuses another.
-    """
-    _check_split(val_split, val_fraction)
+    -> (the prepared folder's name, the resolved val_split, the sources), without reading
+    a document: 'auto' is 'documents' from AUTO_DOCUMENTS_MIN files of nonzero size up, else
+    'tail'. The name records the resolved split (text_folder_name), so no switch reuses another."""
+    check_split(val_split, val_fraction)
     sources = text_sources(paths)
     if val_split == "auto":
         n_files = sum(size > 0 for s in sources for size in _document_sizes(s))
         val_split = "documents" if n_files >= AUTO_DOCUMENTS_MIN else "tail"
-    folder = Path(data_dir) / text_folder_name(sources, val_split, val_fraction)
-    if (folder / "meta.json").exists():
-        return folder
+    return text_folder_name(sources, val_split, val_fraction), val_split, sources
+
+
+def split_documents(sources: list[Path], val_split: str, val_fraction: float = DEFAULT_VAL_FRACTION):
+    """A collection's documents -> (train texts, val texts, meta for meta.json).
+
+    val_split 'tail' holds out the last val_fraction of every document, cut at a line start
+    (a document too short to cut stays whole in train); 'documents' holds out whole documents
+    (fixed seeded shuffle, round(n * val_fraction), at least 1).
+    """
     docs = {}
     for source in tqdm(sources, desc="read", disable=len(sources) < 2):
         docs.update(_read_documents(source))
@@ -154,7 +166,4 @@ def prepare_text_collection(paths, data_dir, val_split: str = "auto",
                              f"near its last {val_fraction:g}, so val_split=tail holds out "
                              f"nothing; use val_split=documents or longer texts")
         meta["documents_without_tail"] = [n for n in names if cuts[n] == len(docs[n])]
-    tokens = {"train": encode_documents(train_texts, desc="tokenize train"),
-              "val": encode_documents(val_texts, desc="tokenize val")}
-    _write_split(folder, tokens, meta)
-    return folder
+    return train_texts, val_texts, meta

@@ -1,9 +1,9 @@
 """Text -> GPT-2 tokens -> uint16 memmaps -> random training windows.
 
 Owns: the offline GPT-2 BPE (tiktoken Encoding built from assets/gpt2.tiktoken), `prepare`
-(by name: Tiny Shakespeare shipped in assets/, WikiText-103 through download.py, a user's
-folders / .zips of .txt through corpus.py, or a folder prepared earlier), the prepared layout
-below, and batches.
+(by name: Tiny Shakespeare shipped in assets/, WikiText-103's articles from download.py, a
+user's folders / .zips of .txt as corpus.py splits them, or a folder prepared earlier), the
+prepared layout below, and batches.
 Does not own: downloads (download.py), a user's text collections and their validation
 splits (corpus.py), models, training, GLUE's task formats (glue.py).
 
@@ -35,24 +35,14 @@ EOT = 50256  # <|endoftext|>, also the document separator in every .bin
 
 # How each named dataset holds out validation; val_split applies to text collections only.
 NAMED_SPLITS = {"shakespeare": "tail", "wikitext103": "official"}
-VAL_SPLITS = ("auto", "tail", "documents")
-DEFAULT_VAL_FRACTION = 0.1
 @lru_cache(maxsize=1)
 def get_encoding() -> tiktoken.Encoding:
     """GPT-2's r50k_base encoding, built from the shipped ranks file (no network)."""
-    if sha256_file(BPE_FILE) != BPE_SHA256:
+    if hashlib.sha256(BPE_FILE.read_bytes()).hexdigest() != BPE_SHA256:
         raise RuntimeError(f"{BPE_FILE} is corrupt (sha256 mismatch); restore it from git")
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str,
                              mergeable_ranks=load_tiktoken_bpe(str(BPE_FILE)),
                              special_tokens={"<|endoftext|>": EOT})
-
-
-def sha256_file(path, chunk=1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _encode_chunk(texts: list[str]) -> np.ndarray:
@@ -105,12 +95,11 @@ def prepare_shakespeare(data_dir) -> Path:
     return folder
 
 
-def check_dataset(dataset: str, val_split: str = "auto",
-                  val_fraction: float = DEFAULT_VAL_FRACTION) -> None:
+def check_dataset(dataset: str, val_split: str = "auto", val_fraction: float | None = None) -> None:
     """Config-time check (no reading, no tokenizing): a ValueError naming what is wrong."""
-    _check_split(val_split, val_fraction)
+    from corpus import DEFAULT_VAL_FRACTION, check_split, text_sources  # collections: corpus.py
+    check_split(val_split, DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction)
     if dataset not in NAMED_SPLITS and not is_prepared(dataset):
-        from corpus import text_sources  # a user's own texts: corpus.py, loaded only then
         try:
             text_sources([p.strip() for p in dataset.split(",") if p.strip()])
         except ValueError as error:
@@ -118,33 +107,53 @@ def check_dataset(dataset: str, val_split: str = "auto",
                              f", or comma-separated folders/.zip files of .txt") from None
 
 
-def _check_split(val_split: str, val_fraction: float) -> None:
-    if val_split not in VAL_SPLITS:
-        raise ValueError(f"val_split={val_split!r}: expected one of {'|'.join(VAL_SPLITS)}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction}: expected 0 < val_fraction < 1")
-
-
-def prepare(dataset: str, data_dir, val_split: str = "auto",
-            val_fraction: float = DEFAULT_VAL_FRACTION) -> Path:
+def prepare(dataset: str, data_dir, val_split: str = "auto", val_fraction: float | None = None) -> Path:
     """Dispatch by name: 'shakespeare', 'wikitext103', comma-separated folders/.zips of .txt,
     or a folder this function prepared earlier (meta.json, train.bin, val.bin), used as is:
     how prepared tokens travel to a machine that lacks the raw text.
 
-    val_split / val_fraction apply to text collections only (corpus.prepare_text_collection);
-    Shakespeare keeps its 90/10 cut of the one text and WikiText-103 its official splits.
+    val_split / val_fraction (None: corpus.DEFAULT_VAL_FRACTION) apply to text collections
+    only; Shakespeare keeps its 90/10 cut of the one text and WikiText-103 its official splits.
     """
     check_dataset(dataset, val_split, val_fraction)
     if is_prepared(dataset):
         return Path(dataset)
     if dataset == "shakespeare":
         return prepare_shakespeare(data_dir)
-    if dataset == "wikitext103":  # fetched and checked: download.py, loaded only then
-        from download import prepare_wikitext103
+    if dataset == "wikitext103":
         return prepare_wikitext103(data_dir)
-    from corpus import prepare_text_collection
     return prepare_text_collection([p.strip() for p in dataset.split(",") if p.strip()],
                                    data_dir, val_split, val_fraction)
+
+
+def prepare_text_collection(paths, data_dir, val_split: str = "auto",
+                            val_fraction: float | None = None) -> Path:
+    """A user's texts, held out as corpus.py splits them, tokenized into a prepared folder."""
+    import corpus  # a user's own texts: loaded only for them
+    fraction = corpus.DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    name, val_split, sources = corpus.collection(paths, val_split, fraction)
+    folder = Path(data_dir) / name
+    if (folder / "meta.json").exists():
+        return folder
+    train_texts, val_texts, meta = corpus.split_documents(sources, val_split, fraction)
+    tokens = {"train": encode_documents(train_texts, desc="tokenize train"),
+              "val": encode_documents(val_texts, desc="tokenize val")}
+    _write_split(folder, tokens, meta)
+    return folder
+
+
+def prepare_wikitext103(data_dir, url: str | None = None, sha256: str | None = None) -> Path:
+    """WikiText-103 raw, downloaded and checked by download.py (its published url and sha256
+    unless given), tokenized split by split into <data_dir>/wikitext103."""
+    import download  # fetched and checked: loaded only then
+    folder = Path(data_dir) / "wikitext103"
+    if (folder / "meta.json").exists():
+        return folder
+    url, sha256 = url or download.WIKITEXT103_URL, sha256 or download.WIKITEXT103_SHA256
+    tokens = {split: encode_documents(articles, desc=f"tokenize {split}")
+              for split, articles in download.wikitext103_splits(data_dir, url, sha256)}
+    _write_split(folder, tokens, {"source": url, "sha256": sha256, "val_split": "official"})
+    return folder
 
 
 def is_prepared(path: str) -> bool:

@@ -3,7 +3,8 @@
 Owns: `download` (through a temporary name, checked against a recorded sha256 before the
 rename, so an interrupted or corrupt download leaves nothing that looks finished),
 `safe_extract` (refuses zip members that are absolute or escape the target folder), and the
-dataset fetched this way, WikiText-103 raw (`prepare_wikitext103`; GLUE's tasks are glue.py's).
+dataset fetched this way, WikiText-103 raw (`wikitext103_splits`: its articles, split by
+split; GLUE's tasks are glue.py's), and `sha256_file`.
 Does not own: tokenizing and the prepared layout (data.py).
 """
 import hashlib
@@ -16,12 +17,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import _write_split, encode_documents, sha256_file
 
 # The author's mirror; the original S3 link is gone. Size and hash as published for the raw zip.
 WIKITEXT103_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
 WIKITEXT103_SHA256 = "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"
 WIKITEXT103_SPLITS = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+def sha256_file(path, chunk=1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 
 def download(url: str, dest, sha256: str | None, desc: str | None = None) -> Path:
     """Fetch url to dest through a temp file; check sha256 before the rename.
@@ -76,20 +84,13 @@ def wikitext_articles(text: str) -> list[str]:
     return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)]) if text[a:b].strip()]
 
 
-def prepare_wikitext103(data_dir, url: str = WIKITEXT103_URL,
-                        sha256: str = WIKITEXT103_SHA256) -> Path:
-    """Download (checked), extract, tokenize WikiText-103 raw into train/val/test .bin."""
-    folder = Path(data_dir) / "wikitext103"
-    if (folder / "meta.json").exists():
-        return folder
+def wikitext103_splits(data_dir, url: str = WIKITEXT103_URL, sha256: str = WIKITEXT103_SHA256):
+    """Download (checked) and extract WikiText-103 raw -> yields (split, its articles), one
+    split at a time, so only one split's text is in memory."""
     archive = download(url, Path(data_dir) / "downloads" / "wikitext-103-raw-v1.zip", sha256)
     with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
         files = {p.name: p for p in safe_extract(archive, tmp)}
-        tokens = {}
         for split, name in WIKITEXT103_SPLITS.items():
             if name not in files:
                 raise RuntimeError(f"{archive} has no {name}; is it the raw WikiText-103 zip?")
-            text = files[name].read_text(encoding="utf-8")
-            tokens[split] = encode_documents(wikitext_articles(text), desc=f"tokenize {split}")
-    _write_split(folder, tokens, {"source": url, "sha256": sha256, "val_split": "official"})
-    return folder
+            yield split, wikitext_articles(files[name].read_text(encoding="utf-8"))

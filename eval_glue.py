@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 import glue
-from cli import UsageError, load_model, parse_config, resolve_device, run
+from cli import UsageError, check_rules, load_model, parse_config, resolve_device, run
 
 
 @dataclass
@@ -64,9 +64,7 @@ class GlueConfig:
             (self.max_train_examples >= 0, "max_train_examples must be >= 0 (0 = all)"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto|float32|bfloat16"),
         ]
-        for ok, message in rules:
-            if not ok:
-                raise ValueError(f"bad glue config: {message}")
+        check_rules(rules, "glue")
         return self
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from cli import load_model, parse_config, resolve_device, run
+from cli import check_rules, load_model, parse_config, resolve_device, run
 
 
 @dataclass
@@ -33,12 +33,9 @@ class PplConfig:
     dtype: str = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
 
     def validate(self):
-        if self.batch_size < 1:
-            raise ValueError("bad eval_ppl config: batch_size must be >= 1")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError("bad eval_ppl config: dtype must be auto|float32|bfloat16")
-        if not self.text:
-            raise ValueError("bad eval_ppl config: --text=FILE is required")
+        check_rules([(self.batch_size >= 1, "batch_size must be >= 1"),
+                     (self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto|float32|bfloat16"),
+                     (bool(self.text), "--text=FILE is required")], "eval_ppl")
         for name in ("text", "ckpt"):
             if not Path(getattr(self, name)).is_file():
                 raise FileNotFoundError(f"--{name}: no file at {getattr(self, name)}")

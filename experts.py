@@ -27,6 +27,17 @@ def gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on x's device, or None when autocast is off there."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+
+
+def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x cast once to the autocast dtype (when on), before it is permuted, not in every matmul."""
+    dtype = autocast_dtype(x)
+    return x if dtype is None else x.to(dtype)
+
+
 def grouped_available(device) -> bool:
     """torch._grouped_mm's fast CUDA kernels need Hopper (sm90) or newer."""
     device = torch.device(device)
@@ -47,8 +58,8 @@ def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> tor
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """grouped_mm_loop's result from one torch._grouped_mm kernel. It has no autocast rule,
     so operands are cast to the autocast dtype here."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x)
+    if dtype is not None:
         x, w = x.to(dtype), w.to(dtype)
     # The kernel needs 16-byte aligned rows (multiples of 8 bf16 values). Tiny or odd widths
     # are zero-padded rather than sent to the loop: the loop reads group sizes on the host,
@@ -122,13 +133,6 @@ def _sort_rows(group_of_row: torch.Tensor, n_groups: int):
     return order, inverse, ends.to(torch.int32)
 
 
-def _compute_dtype(x):
-    """Cast activations once, before they are permuted, not inside every matmul."""
-    if torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
-
-
 class ExpertBank(nn.Module):
     """E GELU MLPs d -> h -> d, stored as two (E, d, h) / (E, h, d) tensors.
 
@@ -149,7 +153,7 @@ class ExpertBank(nn.Module):
         n_experts = w1.shape[0]
         flat = routing.expert_idx.flatten()                              # (N*k,) token-slot order
         order, inverse, offs = _sort_rows(flat, n_experts)
-        x = _compute_dtype(x)
+        x = in_compute_dtype(x)
         slots = x.unsqueeze(1).expand(-1, k, -1).reshape(n_tokens * k, x.shape[-1])
         xs = permute_rows(slots, order, inverse)                         # (N*k, d) by expert
         out = self.matmul(gelu(self.matmul(xs, w1, offs)), w2, offs)
@@ -205,31 +209,29 @@ class ClusteredBank(nn.Module):
         of the parameters. Capacity limits do not apply: the clustered layer is dropless.
         """
         if tensors is None:
-            dtype = torch.get_autocast_dtype(x.device.type) if \
-                torch.is_autocast_enabled(x.device.type) else x.dtype
-            tensors = self.weight_tensors(dtype)
+            tensors = self.weight_tensors(autocast_dtype(x) or x.dtype)
         w, mm = tensors, self.matmul
         n_tokens, k = routing.expert_idx.shape
         g, m, r = w["base1"].shape[0], self.m, self.rank  # g < G when offload.py passes a subset
-        order, inverse, offs = _sort_rows(routing.cluster_idx, g)
-        xs = permute_rows(_compute_dtype(x), order, inverse)              # (N, d) by cluster
-        local = (routing.expert_idx - routing.cluster_idx.unsqueeze(-1) * m)[order]  # (N, k)
+        order, inverse, offs = _sort_rows(routing.cluster_idx, g)         # (N,), (N,), (g,) row ends
+        xs = permute_rows(in_compute_dtype(x), order, inverse)            # (N, d) by cluster
+        local = (routing.expert_idx - routing.cluster_idx.unsqueeze(-1) * m)[order]  # (N, k) in-cluster ids
         gates = routing.gates[order].unsqueeze(-1)                        # (N, k, 1)
         u = mm(xs, w["base1"], offs)                                      # (N, h) once per token
-        codes = mm(xs, w["u1"], offs).view(n_tokens, 1, m, r)
+        codes = mm(xs, w["u1"], offs).view(n_tokens, 1, m, r)             # (N, 1, m, r) every member's code
         # Slot i of a token keeps only its expert's rank-r code (the other members' columns are
         # zeroed), so all k slots share the cluster's stacked V1 in ONE grouped matmul over
         # (N*k) rows: token-major rows stay contiguous per cluster, with offsets k * offs.
         select = F.one_hot(local, m).to(codes.dtype).unsqueeze(-1)        # (N, k, m, 1)
-        slot_codes = (codes * select).view(n_tokens * k, m * r)
-        offs_k = offs * k
+        slot_codes = (codes * select).view(n_tokens * k, m * r)           # (N*k, m*r)
+        offs_k = offs * k                                                 # (g,) row ends of N*k rows
         # Explicit sizes, not -1: an expert-parallel rank may receive no token at all.
-        pre = mm(slot_codes, w["v1"], offs_k).view(n_tokens, k, u.shape[-1])
+        pre = mm(slot_codes, w["v1"], offs_k).view(n_tokens, k, u.shape[-1])  # (N, k, h)
         a, z = self.combine(pre, u, gates[..., 0])                        # (N, k, h), (N, h) mixed
-        back = mm(a.view(n_tokens * k, a.shape[-1]), w["u2"], offs_k)
-        low = (back.view(n_tokens, k, m, r) * (select * gates.unsqueeze(-1).to(back.dtype))).sum(1)
-        y = mm(z, w["base2"], offs) + mm(low.reshape(n_tokens, m * r), w["v2"], offs)
-        return permute_rows(y, inverse, order)
+        back = mm(a.view(n_tokens * k, a.shape[-1]), w["u2"], offs_k)    # (N*k, m*r)
+        low = (back.view(n_tokens, k, m, r) * (select * gates.unsqueeze(-1).to(back.dtype))).sum(1)  # (N, m, r)
+        y = mm(z, w["base2"], offs) + mm(low.reshape(n_tokens, m * r), w["v2"], offs)  # (N, d)
+        return permute_rows(y, inverse, order)                            # (N, d) in token order
 
     def load_factors(self, base1, u1, v1, base2, u2, v2):
         """Per-expert factors from compress.factorize (cluster-major) -> side-by-side layout."""

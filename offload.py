@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from experts import autocast_dtype
 from quant import Int4Tensor
 from router import Routing, count
 
@@ -288,8 +289,7 @@ class ClusterOffloader:
         index, m = layer.offload_index, layer.bank.m
         counts, guess_counts = self._route_on_host(index, x, routing)
         clusters = [c for c, n in enumerate(counts) if n > 0]
-        dtype = torch.get_autocast_dtype(x.device.type) if \
-            torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = autocast_dtype(x) or x.dtype
         order = routing.cluster_idx.argsort(stable=True)
         xs, expert_idx, gates = x[order], routing.expert_idx[order], routing.gates[order]
         out = torch.empty(x.shape[0], x.shape[1], device=x.device, dtype=dtype)  # (N, d)

@@ -73,6 +73,22 @@ def topk_route(logits: torch.Tensor, k: int, balance_coef: float = 0.01,
     return Routing(expert_idx, gates, aux, count(expert_idx, logits.shape[-1]))
 
 
+def within_cluster_balance_loss(within_probs: torch.Tensor, cluster_idx: torch.Tensor,
+                                expert_counts: torch.Tensor, cluster_counts: torch.Tensor,
+                                k: int) -> torch.Tensor:
+    """The Switch loss inside each cluster, over the tokens it received, averaged over the
+    clusters that received any. within_probs (N, m): each token's softmax over its cluster's
+    m experts; cluster_idx (N,); expert_counts (E,), cluster_counts (G,) as `count` gives."""
+    n_clusters, m = cluster_counts.shape[0], within_probs.shape[-1]
+    prob_sum = torch.zeros(n_clusters, m, device=within_probs.device).index_add_(
+        0, cluster_idx, within_probs)                                      # (G, m)
+    tokens_in = cluster_counts.clamp(min=1).unsqueeze(-1)                 # (G, 1)
+    fraction = expert_counts.view(n_clusters, m) / (k * tokens_in)        # (G, m)
+    within = m * (fraction * prob_sum / tokens_in).sum(-1)                # (G,)
+    used = (cluster_counts > 0).float()                                   # no boolean indexing:
+    return (within * used).sum() / used.sum()                             # it would sync
+
+
 def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor, k: int,
                        balance_coef: float = 0.01, z_coef: float = 0.001,
                        cluster_bias: torch.Tensor | None = None,
@@ -90,32 +106,25 @@ def hierarchical_route(cluster_logits: torch.Tensor, expert_logits: torch.Tensor
     n_tokens, n_clusters = cluster_logits.shape
     n_experts = expert_logits.shape[-1]
     m = n_experts // n_clusters
+    # Stage 1: one cluster per token.
     cluster_logp = cluster_logits.float().log_softmax(-1)                 # (N, G)
     cluster_probs = cluster_logp.exp()
     cluster_idx = _choose(cluster_probs, 1, cluster_bias).squeeze(-1)     # (N,)
+    # Stage 2: the top k of the m experts inside that cluster.
     within_logits = expert_logits.float().view(n_tokens, n_clusters, m)
-    within_logits = within_logits.gather(1, cluster_idx.view(-1, 1, 1).expand(-1, 1, m))
-    within_probs = within_logits.squeeze(1).softmax(-1)                   # (N, m)
+    within_logits = within_logits.gather(1, cluster_idx.view(-1, 1, 1).expand(-1, 1, m)).squeeze(1)  # (N, m)
+    within_probs = within_logits.softmax(-1)
     within_bias = None if expert_bias is None else expert_bias.view(n_clusters, m)[cluster_idx]
     local_idx = _choose(within_probs, k, within_bias)                     # (N, k)
-    gates = _renormalized(within_logits.squeeze(1), local_idx)
-    logp = cluster_logp.gather(-1, cluster_idx.unsqueeze(-1))             # (N, 1)
-    gates = gates * (logp - logp.detach()).exp()
+    chosen_logp = cluster_logp.gather(-1, cluster_idx.unsqueeze(-1))      # (N, 1)
+    gates = _renormalized(within_logits, local_idx) * (chosen_logp - chosen_logp.detach()).exp()
     expert_idx = cluster_idx.unsqueeze(-1) * m + local_idx                # (N, k) global
 
     cluster_counts = count(cluster_idx, n_clusters)
     expert_counts = count(expert_idx, n_experts)
-    # Within-cluster balance: Switch loss inside each cluster, over the tokens it received,
-    # averaged over the clusters that received any.
-    prob_sum = torch.zeros(n_clusters, m, device=within_probs.device).index_add_(
-        0, cluster_idx, within_probs)                                      # (G, m)
-    tokens_in = cluster_counts.clamp(min=1).unsqueeze(-1)                 # (G, 1)
-    fraction = expert_counts.view(n_clusters, m) / (k * tokens_in)
-    within = m * (fraction * prob_sum / tokens_in).sum(-1)                # (G,)
-    used = (cluster_counts > 0).float()                                   # no boolean indexing:
-    within = (within * used).sum() / used.sum()                           # it would sync
-    balance = load_balance_loss(cluster_probs, cluster_idx.unsqueeze(-1)) + within
-    aux = balance_coef * balance + z_coef * (z_loss(cluster_logits) + z_loss(within_logits.squeeze(1)))
+    balance = load_balance_loss(cluster_probs, cluster_idx.unsqueeze(-1)) + \
+        within_cluster_balance_loss(within_probs, cluster_idx, expert_counts, cluster_counts, k)
+    aux = balance_coef * balance + z_coef * (z_loss(cluster_logits) + z_loss(within_logits))
     return Routing(expert_idx, gates, aux, expert_counts, cluster_idx, cluster_counts)
 
 

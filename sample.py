@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from cli import load_model, parse_config, resolve_device, run
+from cli import check_rules, load_model, parse_config, resolve_device, run
 from generate import generate
 from offload import PREDICT_AT, ClusterOffloader
 from quant import quantize_model
@@ -50,9 +50,7 @@ class SampleConfig:
             (self.offload_budget >= 0, "offload_budget must be >= 0 cluster entries (0 = no offload)"),
             (self.predict_at in PREDICT_AT, f"predict_at must be one of {'|'.join(PREDICT_AT)}"),
         ]
-        for ok, message in rules:
-            if not ok:
-                raise ValueError(f"bad sample config: {message}")
+        check_rules(rules, "sample")
         return self
 
 

@@ -1,19 +1,18 @@
 """The seam between the training loop and parallelism: what one process does at each hook.
 
-Owns: `OneProcess` (train.py's loop calls its hooks: wrap the model, sync gradients, clip,
+Owns: `OneProcess`: train.py's loop calls its hooks (wrap the model, sync gradients, clip,
 sum loads over ranks, recluster and carry the optimizer, checkpoint state, wait for the other
-ranks; on one device each does what one process does) and `make_strategy` (one process, or
-under torchrun parallel/ddp.py's DataParallel or parallel/ep_state.py's ExpertParallel, which
-override the hooks). The idea is torchtitan's: parallelize a plain model from outside.
-Does not own: the loop (train.py), the process group and DDP (parallel/ddp.py), expert
-parallelism (parallel/ep.py, parallel/ep_state.py), regrouping (regroup.py).
+ranks), and on one device each does what one process does. Under torchrun
+parallel/ddp.py's DataParallel and parallel/ep_state.py's ExpertParallel override them. The
+idea is torchtitan's: parallelize a plain model from outside.
+Does not own: the loop and which strategy it takes (train.py), the process group and DDP
+(parallel/ddp.py), expert parallelism (parallel/ep.py, parallel/ep_state.py), regrouping
+(regroup.py).
 """
-import os
 from contextlib import nullcontext
 
 import torch
 
-from cli import resolve_device
 from cluster import ClusterSettings
 from regroup import Recluster, carry_optimizer_state, recluster_model
 
@@ -65,11 +64,3 @@ class OneProcess:
 
     def close(self):
         pass
-
-
-def make_strategy(cfg) -> OneProcess:
-    """One process, or (launched by torchrun: RANK is set) DDP or expert parallelism."""
-    if "RANK" not in os.environ:
-        return OneProcess(*resolve_device(cfg.device, cfg.dtype))
-    from parallel.ddp import start     # several processes: machinery, loaded only then
-    return start(cfg)

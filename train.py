@@ -24,11 +24,11 @@ import torch
 from tqdm import tqdm
 
 import data
-from cli import (UsageError, check_out_dir, clear_out_dir, load_model, parse_config,
-                 restore_rng, rng_state, run, save_atomic)
+from cli import (UsageError, check_out_dir, check_rules, clear_out_dir, load_model, parse_config,
+                 resolve_device, restore_rng, rng_state, run, save_atomic)
 from cluster import ClusterSettings, parse_similarity
 from model import GPT, GPTConfig
-from strategy import OneProcess, make_strategy
+from strategy import OneProcess
 from train_log import (Interval, close_interval, diverged, evaluate, log_record, log_recluster,
                        sample_text, startup_summary, trim_logs, write_config)
 
@@ -129,9 +129,7 @@ class TrainConfig(GPTConfig):
         if self.expert_parallel > 1:
             from parallel.ep_state import config_rules
             rules += config_rules(self)
-        for ok, message in rules:
-            if not ok:
-                raise ValueError(f"bad train config: {message}")
+        check_rules(rules, "train")
         data.check_dataset(self.dataset, self.val_split)
         parse_similarity(self.similarity)
         check_out_dir(self.out_dir, self.resume, self.overwrite)
@@ -179,6 +177,18 @@ def recluster_due(it: int, cfg: TrainConfig) -> bool:
     return (it - cfg.burn_in) % cfg.recluster_interval == 0
 
 
+def make_strategy(cfg: TrainConfig) -> OneProcess:
+    """One process, or (launched by torchrun: RANK is set) DDP or expert parallelism."""
+    if "RANK" not in os.environ:
+        return OneProcess(*resolve_device(cfg.device, cfg.dtype))
+    from parallel.ddp import DataParallel, join  # several processes: machinery, loaded only then
+    device, dtype = join(cfg)
+    if cfg.expert_parallel > 1:
+        from parallel.ep_state import ExpertParallel
+        return ExpertParallel(device, dtype, cfg.expert_parallel)
+    return DataParallel(device, dtype)
+
+
 def load_data(cfg: TrainConfig, strategy: OneProcess):
     """Rank 0 prepares (downloads, tokenizes) while the others wait; all then memory-map."""
     for turn in ("master", "others"):
@@ -213,6 +223,17 @@ def train_step(runner, model, optimizer, batches, cfg: TrainConfig, autocast, st
         strategy.sum_over_ranks([c for l in layers for c in (l.step_counts, l.step_cluster_counts)])
     for layer in layers:
         layer.balance_step()
+
+
+def make_step(runner, model, optimizer, cfg: TrainConfig, autocast, strategy, interval: Interval):
+    """The step the loop calls, bound to this runner and optimizer (a recluster makes a new
+    one): train_step itself, or with --cuda_graph its replay from one CUDA graph."""
+    def step(batches):
+        train_step(runner, model, optimizer, batches, cfg, autocast, strategy, interval)
+    if not cfg.cuda_graph:
+        return step
+    from fast.train_graph import GraphedTrainStep  # machinery, loaded only when asked for
+    return GraphedTrainStep(step, model)
 
 
 def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, shock_eval=None):
@@ -267,17 +288,13 @@ def train(cfg: TrainConfig) -> dict:
     autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=not cfg.cuda_graph) \
         if dtype == "bfloat16" else nullcontext()
     interval, record = Interval.start(model.moe_layers(), device), {}
-
-    def step(batches):  # the current runner and optimizer: a recluster may replace them
-        train_step(runner, model, optimizer, batches, cfg, autocast, strategy, interval)
-    if cfg.cuda_graph:
-        from fast.train_graph import GraphedTrainStep  # machinery, loaded only when asked for
-        step = GraphedTrainStep(step, model)
+    step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
     for it in bar:
         # Recluster event (all ranks): optimizer state follows the experts; the first
-        # clustering creates parameters, so then the optimizer and the wrapper are rebuilt.
+        # clustering creates parameters, so then the optimizer and the wrapper are rebuilt,
+        # and the step is bound to them anew (a CUDA graph is captured again).
         if recluster_due(it, cfg):
             t_recluster = time.perf_counter()
             shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast, cfg.shock_iters)) \
@@ -288,8 +305,7 @@ def train(cfg: TrainConfig) -> dict:
             if result.created:
                 optimizer = build_optimizer(model, cfg, optimizer)
                 runner = strategy.wrap(compiled)
-            if cfg.cuda_graph:
-                step.reset()
+            step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
             interval.moved += result.moved
             interval.reset_loads()
             interval.recluster_s += time.perf_counter() - t_recluster - result.shock_s

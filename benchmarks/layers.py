@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from regroup import recluster, recluster_model
-from experts import gelu, grouped_available, resolve_matmul
+from experts import gelu, grouped_available, in_compute_dtype, resolve_matmul
 from fast.triton_combine import combine_available
 from model import GPT, MLP, GPTConfig, init_weights
 from moe import MoE
@@ -139,8 +139,7 @@ class MinimalTopK(nn.Module):
     def forward(self, x):
         shape, n_experts = x.shape, self.w1.shape[0]
         x = x.reshape(-1, shape[-1])                                      # (N, d)
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = in_compute_dtype(x)
         probs = self.router(x).float().softmax(-1)                        # (N, E)
         gates, expert_idx = probs.topk(self.k, dim=-1)                    # (N, k)
         gates = gates / gates.sum(-1, keepdim=True)

@@ -11,7 +11,7 @@ grouped matmuls keep group sizes on the device), no host sync inside (routing co
 aux losses stay tensors), a capturable AdamW whose lr is a device tensor
 (train.build_optimizer), autocast without its weight-cast cache, and gradients that stay
 allocated between replays (never set to None). A recluster replaces parameters or optimizer
-state, so train.py calls `reset()` and the next steps warm up and capture again.
+state, so train.py makes a new step (or `reset()` one): the next steps warm up and capture again.
 Verified (tests/test_train_graph.py, CUDA) for dense and top-k models, eager kernels: the
 graphed run trains as the eager one. Not yet for the clustered model or a compiled one, so
 `config_rules` refuses those (docs/results.md has what was seen).

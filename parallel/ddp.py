@@ -1,10 +1,10 @@
 """Data parallelism under torchrun: the process group, and the training loop's strategy for DDP.
 
-Owns: `start` (join the process group: gloo on --device=cpu, NCCL with one GPU per process
-otherwise; -> the strategy, DataParallel or, with --expert_parallel, ep_state.ExpertParallel)
-and `DataParallel` (every rank holds the whole model and its own batches; gradients are
+Owns: `join` (join the process group: gloo on --device=cpu, NCCL with one GPU per process
+otherwise) and `DataParallel` (every rank holds the whole model and its own batches; gradients are
 averaged on the last micro-batch of a step; reclusters regroup from rank 0's statistics).
-Does not own: the loop (train.py), expert parallelism (ep.py, ep_state.py).
+Does not own: the loop and which strategy it takes (train.py), expert parallelism (ep.py,
+ep_state.py).
 """
 import os
 from contextlib import nullcontext
@@ -60,8 +60,8 @@ class DataParallel(OneProcess):
         dist.destroy_process_group()
 
 
-def start(cfg) -> OneProcess:
-    """Join torchrun's process group -> this rank's strategy."""
+def join(cfg) -> tuple[str, str]:
+    """Join torchrun's process group -> this rank's (device, dtype)."""
     if cfg.device == "cpu":
         dist.init_process_group("gloo")
         device = "cpu"
@@ -69,8 +69,4 @@ def start(cfg) -> OneProcess:
         dist.init_process_group("nccl")
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    dtype = resolve_device("cpu" if device == "cpu" else "cuda", cfg.dtype)[1]
-    if cfg.expert_parallel > 1:
-        from parallel.ep_state import ExpertParallel
-        return ExpertParallel(device, dtype, cfg.expert_parallel)
-    return DataParallel(device, dtype)
+    return device, resolve_device("cpu" if device == "cpu" else "cuda", cfg.dtype)[1]

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from cli import check_rules
 from experts import ClusteredBank, ExpertBank
 from moe import MoE
 from router import Routing, count
@@ -131,9 +132,7 @@ def _check(layer: MoE, world: int):
         (not isinstance(bank, ClusteredBank) or cfg.hierarchical,
          "a clustered bank needs hierarchical routing (one cluster per token)"),
     ]
-    for ok, message in rules:
-        if not ok:
-            raise ValueError(f"expert parallel: {message}")
+    check_rules(rules, "expert-parallel")
 
 
 def _local_bank(layer: MoE, rank: int, world: int):

@@ -56,7 +56,7 @@ def _wikitext_zip(path):
 def test_wikitext103_download_prepare_and_reuse(serve_dir, tmp_path):
     served, base = serve_dir
     sha = _wikitext_zip(served / "wt.zip")
-    folder = download.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256=sha)
+    folder = data.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256=sha)
     meta = json.loads((folder / "meta.json").read_text())
     enc = data.get_encoding()
     expected = []
@@ -67,14 +67,14 @@ def test_wikitext103_download_prepare_and_reuse(serve_dir, tmp_path):
         assert data.load_split(folder, split).tolist() == expected
     assert meta["sha256"] == sha and meta["tokens"]["val"] == len(expected)
     (served / "wt.zip").unlink()                                     # second run: no network
-    assert download.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256=sha) == folder
+    assert data.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256=sha) == folder
 
 
 def test_checksum_mismatch_leaves_nothing(serve_dir, tmp_path):
     served, base = serve_dir
     _wikitext_zip(served / "wt.zip")
     with pytest.raises(RuntimeError, match="checksum mismatch"):
-        download.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256="0" * 64)
+        data.prepare_wikitext103(tmp_path / "d", url=f"{base}/wt.zip", sha256="0" * 64)
     assert not list((tmp_path / "d" / "downloads").iterdir())
     assert not (tmp_path / "d" / "wikitext103" / "meta.json").exists()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import data
+import download
 import glue
 from glue import Example
 
@@ -131,7 +132,7 @@ def make_zip(path, members):
 
 
 def with_sha256(monkeypatch, task, path):
-    spec = dataclasses.replace(glue.TASKS[task], sha256=data.sha256_file(path))
+    spec = dataclasses.replace(glue.TASKS[task], sha256=download.sha256_file(path))
     monkeypatch.setitem(glue.TASKS, task, spec)
 
 
@@ -315,7 +316,7 @@ def serve_mrpc(served, monkeypatch, rows, dev_ids):
         ("\ufeff" + "\r\n".join([MRPC_HEADER] + rows) + "\r\n").encode())
     (served / "mrpc_dev_ids.tsv").write_text("".join(f"{a}\t{b}\n" for a, b in dev_ids))
     with_sha256(monkeypatch, "mrpc", served / "msr_paraphrase_train.txt")
-    monkeypatch.setattr(glue, "MRPC_DEV_IDS_SHA256", data.sha256_file(served / "mrpc_dev_ids.tsv"))
+    monkeypatch.setattr(glue, "MRPC_DEV_IDS_SHA256", download.sha256_file(served / "mrpc_dev_ids.tsv"))
 
 
 def test_fetch_mrpc_splits_senteval_file_by_dev_ids(serve_dir, tmp_path, monkeypatch):
