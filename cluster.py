@@ -1,9 +1,11 @@
 """Online expert clustering: which experts belong together.
 
 Owns: the expert similarities (parameter and activation views, fused), a balanced k-means
-into G equal clusters (k-means++ seeding with a seed, warm start from the current groups),
-`ClusterSettings` (how a grouping is proposed: built once from the run's config), and
-`propose` (a pure function: one layer's tensors -> similarity -> grouping -> gain).
+into G equal clusters (k-means++ seeding with a seed, warm start from the current groups,
+which is itself a candidate), `ClusterSettings` (how a grouping is proposed: built once from
+the run's config), `propose` (a pure function: one layer's tensors -> similarity -> grouping
+-> gain), and how the grouping kept ranks among the others (`rank_among`: among every
+balanced grouping where they are few enough to count).
 Does not own: applying a grouping to a layer (regroup.py), when to recluster (train.py),
 factor math (compress.py).
 
@@ -22,6 +24,7 @@ their weights, outputs and input means agree through the cluster itself; "specif
 that shared part down and "scores" asks the flat router about the same probe tokens, so a
 cluster cannot lock its members in. docs/design.md gives the measurements behind the default.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -179,17 +182,11 @@ def _kmeans_from(similarity: torch.Tensor, assignment: torch.Tensor, n_clusters:
     return assignment
 
 
-def balanced_kmeans(similarity: torch.Tensor, n_clusters: int, init: torch.Tensor | None = None,
-                    seed: int = 0, max_iter: int = 50, restarts: int = 0) -> torch.Tensor:
-    """Kernel k-means on a similarity matrix with every cluster holding exactly E/G experts.
-
-    An expert's affinity to a cluster is its mean similarity to the cluster's other members.
-    Runs from `init` (previous assignment) when given, and from `restarts` k-means++ seedings
-    (at least one without init); returns the result with the highest mean within-cluster
-    similarity, the earliest on ties (so the warm start wins unless beaten). Returns (E,) long
-    cluster ids; a fixed point of the update, so a second call from its own output returns it
-    unchanged (with restarts=0).
-    """
+def kmeans_candidates(similarity: torch.Tensor, n_clusters: int, init: torch.Tensor | None = None,
+                      seed: int = 0, max_iter: int = 50, restarts: int = 0) -> list[torch.Tensor]:
+    """The groupings balanced k-means considers: `init` itself (the current grouping), the
+    fixed point reached from it, and one from each of `restarts` k-means++ seedings (at least
+    one without init). (E,) long cluster ids each, the warm ones first."""
     similarity = similarity.detach().float().cpu()
     n_experts = similarity.shape[0]
     if n_experts % n_clusters:
@@ -199,17 +196,82 @@ def balanced_kmeans(similarity: torch.Tensor, n_clusters: int, init: torch.Tenso
     while len(starts) < restarts + (init is not None) or not starts:
         seeds = _kmeanspp_seeds(similarity, n_clusters, generator)
         starts.append(_balanced_assign(similarity[:, seeds], n_experts // n_clusters))
-    results = [_kmeans_from(similarity, start, n_clusters, max_iter) for start in starts]
+    return starts[:init is not None] + [_kmeans_from(similarity, start, n_clusters, max_iter)
+                                        for start in starts]
+
+
+def balanced_kmeans(similarity: torch.Tensor, n_clusters: int, init: torch.Tensor | None = None,
+                    seed: int = 0, max_iter: int = 50, restarts: int = 0) -> torch.Tensor:
+    """Kernel k-means on a similarity matrix with every cluster holding exactly E/G experts.
+
+    An expert's affinity to a cluster is its mean similarity to the cluster's other members.
+    Runs from `init` (previous assignment) when given, and from `restarts` k-means++ seedings
+    (at least one without init); returns the candidate (kmeans_candidates, `init` among them)
+    with the highest mean within-cluster similarity, the earliest on ties (so the current
+    grouping stays unless beaten). Returns (E,) long cluster ids; a fixed point of the update,
+    so a second call from its own output returns it unchanged (with restarts=0).
+    """
+    results = kmeans_candidates(similarity, n_clusters, init, seed, max_iter, restarts)
     scores = [within_similarity(similarity, r) for r in results]
     return next(r for r, score in zip(results, scores) if score >= max(scores) - 1e-9)
 
 
+def canonical(assignment: torch.Tensor) -> tuple:
+    """A grouping without its labels: clusters numbered by their first member."""
+    first = {}
+    return tuple(first.setdefault(int(c), len(first)) for c in assignment)
+
+
+def n_groupings(n_experts: int, n_clusters: int) -> int:
+    """Balanced groupings of E experts into G unlabeled clusters: E! / ((E/G)!^G G!)."""
+    m = n_experts // n_clusters
+    return math.factorial(n_experts) // (math.factorial(m) ** n_clusters * math.factorial(n_clusters))
+
+
+def all_groupings(n_experts: int, n_clusters: int):
+    """Every balanced grouping, each once, as (E,) cluster ids in canonical form."""
+    m, assignment, sizes = n_experts // n_clusters, [0] * n_experts, [0] * n_clusters
+
+    def place(expert: int, opened: int):
+        if expert == n_experts:
+            yield torch.tensor(assignment)
+            return
+        for cluster in range(min(opened + 1, n_clusters)):  # a new cluster only in order
+            if sizes[cluster] < m:
+                assignment[expert], sizes[cluster] = cluster, sizes[cluster] + 1
+                yield from place(expert + 1, max(opened, cluster + 1))
+                sizes[cluster] -= 1
+    yield from place(0, 0)
+
+
 @dataclass
 class Proposal:
-    """A grouping for one layer's experts, and whether it is worth taking."""
+    """A grouping for one layer's experts, whether it is worth taking, and the numbers why."""
     assignment: torch.Tensor   # (E,) cluster of each expert slot (the current groups if skipped)
     gain: float                # mean within-cluster similarity gained over the current groups
+    # (the first clustering: over a random grouping, whose expectation is the mean similarity)
     skipped: bool              # gain < min_gain: keep the groups (never for the first clustering)
+    rank: int                  # of the current grouping (the first clustering: the one taken)
+    of: int                    # ... among this many: every balanced grouping where they are at
+    # most ENUMERATE, else the distinct ones k-means reached
+    margin: float | None       # its score minus the best other's (> 0: it is the best by that)
+
+
+ENUMERATE = 10_000  # up to this many balanced groupings, rank among all of them
+
+
+def rank_among(sim: torch.Tensor, grouping: torch.Tensor, candidates: list[torch.Tensor],
+               n_clusters: int) -> tuple[int, int, float | None]:
+    """grouping's (rank, of, margin) by mean within-cluster similarity: among every balanced
+    grouping when there are at most ENUMERATE, else among the distinct candidates."""
+    if n_groupings(len(grouping), n_clusters) <= ENUMERATE:
+        candidates = all_groupings(len(grouping), n_clusters)
+    mine, others = canonical(grouping), {}
+    for c in candidates:
+        others.setdefault(canonical(c), within_similarity(sim, c))
+    score = others.pop(mine, within_similarity(sim, grouping))
+    rank = 1 + sum(other > score + 1e-9 for other in others.values())
+    return rank, len(others) + 1, (score - max(others.values())) if others else None
 
 
 @torch.no_grad()
@@ -222,12 +284,16 @@ def propose(w1, w2, input_mean, router_weight, probe, groups, n_clusters: int,
     online clustering' ablation."""
     n_experts = w1.shape[0]
     first = groups is None
-    current = torch.arange(n_experts) // (n_experts // n_clusters)   # slots are cluster-major
     sim = expert_similarity(w1, w2, input_mean, router_weight, probe, groups, settings.alpha,
                             settings.similarity).cpu()
-    assignment = balanced_kmeans(sim, n_clusters, groups, seed, restarts=settings.restarts)
+    candidates = kmeans_candidates(sim, n_clusters, groups, seed, restarts=settings.restarts)
+    scores = [within_similarity(sim, c) for c in candidates]
+    assignment = next(c for c, score in zip(candidates, scores) if score >= max(scores) - 1e-9)
     if settings.random_groups and first:
         assignment = torch.randperm(n_experts, generator=torch.Generator().manual_seed(seed)) % n_clusters
-    gain = within_similarity(sim, assignment) - within_similarity(sim, current)
+    off_diagonal = ~torch.eye(n_experts, dtype=torch.bool)
+    before = float(sim[off_diagonal].mean()) if first else within_similarity(sim, groups)
+    gain = within_similarity(sim, assignment) - before
     skipped = not first and gain < settings.min_gain
-    return Proposal(current if skipped else assignment, gain, skipped)
+    rank, of, margin = rank_among(sim, assignment if first else groups, candidates, n_clusters)
+    return Proposal(groups if skipped else assignment, gain, skipped, rank, of, margin)

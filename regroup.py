@@ -5,8 +5,9 @@ Owns: `recluster` (cluster.py proposes a grouping for one layer; this applies it
 to apply it (`first_clustering`: a trained top-k layer becomes clustered and compressed;
 `regroup`: a clustered layer takes new groups and is re-factorized), `follow` (an expert's
 router row, statistics, bias and, uncompressed, its weights move with it), `Regrouping` (what
-changed), `recluster_model` (every layer of a GPT) and the optimizer carry (`carry_rows`,
-`carry_optimizer_state`: AdamW's moments follow their rows).
+changed), `recluster_model` (every layer of a GPT), the optimizer carry (`carry_rows`,
+`carry_optimizer_state`: AdamW's moments follow their rows), and taking a regroup back
+(`snapshot`, `restore`: --regroup_rule=loss rejects one that raised the validation loss).
 Does not own: which experts belong together (cluster.py), factor math (compress.py), the layer
 as it runs (moe.py), when to recluster (train.py).
 
@@ -32,6 +33,9 @@ class Regrouping:
     reset: list = field(default_factory=list)   # parameters created: no state to carry
     carry: dict = field(default_factory=dict)   # parameter -> (index, keep): new row i of its
     # optimizer state is old row index[i] (None: same rows); rows where keep is False restart
+    rank: int = 1                    # the proposal's: the old grouping's rank among `of`
+    of: int = 1                      # groupings (the first clustering: the grouping taken)
+    margin: float | None = None      # its similarity minus the best other grouping's
 
 
 def sources(order: torch.Tensor, m: int) -> torch.Tensor:
@@ -129,9 +133,12 @@ def recluster(layer, settings: ClusterSettings = ClusterSettings(), seed: int = 
     proposal = propose(w1, w2, layer.input_mean, layer.router.weight, probe, groups,
                        cfg.n_clusters, settings, seed)
     if first:
-        return first_clustering(layer, proposal.assignment, proposal.gain, w1, w2)
-    order = cluster_order(proposal.assignment, cfg.n_clusters)
-    return regroup(layer, order, proposal.gain, proposal.skipped, w1, w2)
+        result = first_clustering(layer, proposal.assignment, proposal.gain, w1, w2)
+    else:
+        order = cluster_order(proposal.assignment, cfg.n_clusters)
+        result = regroup(layer, order, proposal.gain, proposal.skipped, w1, w2)
+    result.rank, result.of, result.margin = proposal.rank, proposal.of, proposal.margin
+    return result
 
 
 @dataclass
@@ -140,19 +147,23 @@ class Recluster:
     moved: int = 0                                   # experts that changed cluster, all layers
     gain: list = field(default_factory=list)         # per layer
     skipped: list = field(default_factory=list)      # per layer
+    rank: list = field(default_factory=list)         # per layer: see Regrouping
+    of: list = field(default_factory=list)           # per layer
+    margin: list = field(default_factory=list)       # per layer
     reset: list = field(default_factory=list)        # parameters created (no optimizer state)
     carry: dict = field(default_factory=dict)        # see Regrouping
     created: bool = False                            # parameters were replaced: rebuild the optimizer
     seconds: float = 0.0                             # the regrouping's wall time (train.py)
     shock_s: float = 0.0                             # the shock measurement's wall time (train.py)
+    rule: dict | None = None                         # --regroup_rule=loss: its numbers (train.py)
 
-    def add(self, layer: Regrouping):
+    def add(self, layer: Regrouping, created: bool | None = None):
         self.moved += layer.moved
-        self.gain.append(layer.gain)
-        self.skipped.append(layer.skipped)
+        for name in ("gain", "skipped", "rank", "of", "margin"):
+            getattr(self, name).append(getattr(layer, name))
         self.reset += layer.reset
         self.carry.update(layer.carry)
-        self.created |= bool(layer.reset)
+        self.created |= bool(layer.reset) if created is None else created
 
 
 def recluster_model(model: nn.Module, settings: ClusterSettings = ClusterSettings(),
@@ -196,3 +207,27 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, result) -> None:
     for param, (index, keep) in result.carry.items():
         if param in optimizer.state:
             optimizer.state[param] = carry_rows(optimizer.state[param], index, keep)
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Every MoE layer's parameters and buffers and their optimizer state, cloned: what
+    `restore` puts back when a regroup is rejected (--regroup_rule=loss)."""
+    tensors = [dict(layer.named_parameters()) | dict(layer.named_buffers()) for layer in model.moe_layers()]
+    return {"tensors": [{name: t.detach().clone() for name, t in layer.items()} for layer in tensors],
+            "optimizer": {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                          for layer in model.moe_layers() for p in layer.parameters() if p in optimizer.state}}
+
+
+@torch.no_grad()
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Put back what `snapshot` took, in place: a regroup keeps its parameter objects, so the
+    optimizer and the compiled model still hold the right ones."""
+    for layer, tensors in zip(model.moe_layers(), saved["tensors"]):
+        current = dict(layer.named_parameters()) | dict(layer.named_buffers())
+        for name, value in tensors.items():
+            current[name].copy_(value)
+        for p in layer.parameters():
+            optimizer.state.pop(p, None)
+    for p, state in saved["optimizer"].items():
+        optimizer.state[p] = state
+

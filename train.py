@@ -28,9 +28,10 @@ from cli import (UsageError, check_out_dir, check_rules, clear_out_dir, load_mod
                  resolve_device, restore_rng, rng_state, run, save_atomic)
 from cluster import ClusterSettings, parse_similarity
 from model import GPT, GPTConfig
+from regroup import restore, snapshot
 from strategy import OneProcess
-from train_log import (Interval, close_interval, diverged, evaluate, log_record, log_recluster,
-                       sample_text, startup_summary, trim_logs, write_config)
+from train_log import (Interval, close_interval, diverged, log_record, log_recluster,
+                       sample_text, startup_summary, trim_logs, val_losses, write_config)
 
 
 # Named sizes in the comparison regime, 32K tokens a step (32 x 256 x grad_accum 4): with 8K
@@ -67,6 +68,8 @@ class TrainConfig(GPTConfig):
     min_gain: float = ClusterSettings.min_gain  # keep the groups unless regrouping gains this much
     kmeans_restarts: int = ClusterSettings.restarts  # k-means++ restarts beside the warm start
     shock_iters: int = 10          # val batches scored around each recluster (its shock; 0 = off)
+    regroup_rule: str = "similarity"  # similarity (min_gain decides) | loss (and a regroup that
+                                   # raised the shock's val loss beyond noise is taken back)
     # data:
     dataset: str = "shakespeare"   # shakespeare | wikitext103 | folders, .zips of .txt (a,b,...)
     val_split: str = "auto"        # auto | tail | documents: what text collections hold out
@@ -122,6 +125,9 @@ class TrainConfig(GPTConfig):
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
             (self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
              "compile_mode must be default|reduce-overhead|max-autotune"),
+            (self.regroup_rule in ("similarity", "loss"), "regroup_rule must be similarity|loss"),
+            (self.regroup_rule != "loss" or (self.shock_iters > 0 and "RANK" not in os.environ),
+             "regroup_rule=loss needs shock_iters > 0 and one process (not torchrun)"),
         ]
         if self.cuda_graph:  # machinery: its rules load only when it is asked for
             from fast.train_graph import config_rules
@@ -237,17 +243,29 @@ def make_step(runner, model, optimizer, cfg: TrainConfig, autocast, strategy, in
 
 
 def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, shock_eval=None):
-    """Regroup every MoE layer (every rank alike), with the validation loss just before and
-    after (`shock_eval`) -> (the strategy's Recluster with its timings, loss before, after)."""
+    """Regroup every MoE layer (every rank alike), with the validation loss of each shock batch
+    just before and after (`shock_eval`). With regroup_rule=loss, a regroup that moved experts
+    and raised that loss beyond noise (two standard errors of the per-batch rise) is taken
+    back, exactly. -> (the strategy's Recluster with its timings and rule, loss before, after)."""
     measure = shock_eval is not None and model.moe_layers()[0].has_clusters and cfg.shock_iters > 0
     t_shock = time.perf_counter()
     before = shock_eval() if measure else None
+    saved = snapshot(model, optimizer) if measure and cfg.regroup_rule == "loss" else None
     t0 = time.perf_counter()
     result = strategy.recluster(model, optimizer, ClusterSettings.of(cfg), cfg.seed + it)
     t1 = time.perf_counter()
     after = shock_eval() if measure else None
+    if saved is not None and result.moved:
+        rise = (after - before).float()
+        noise = 2 * rise.std().item() / math.sqrt(len(rise)) if len(rise) > 1 else 0.0
+        result.rule = {"rise": rise.mean().item(), "noise": noise, "proposed_moved": result.moved,
+                       "kept": rise.mean().item() <= noise}
+        if not result.rule["kept"]:
+            restore(model, optimizer, saved)
+            result.moved = 0
     result.seconds, result.shock_s = t1 - t0, (t0 - t_shock) + (time.perf_counter() - t1)
-    return result, before, after
+    mean = lambda losses: None if losses is None else losses.mean().item()  # noqa: E731
+    return result, mean(before), mean(after)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -297,7 +315,7 @@ def train(cfg: TrainConfig) -> dict:
         # and the step is bound to them anew (a CUDA graph is captured again).
         if recluster_due(it, cfg):
             t_recluster = time.perf_counter()
-            shock = (lambda: evaluate(model, val_tokens, cfg, device, autocast, cfg.shock_iters)) \
+            shock = (lambda: val_losses(model, val_tokens, cfg, device, autocast, cfg.shock_iters)) \
                 if master or strategy.everyone_evaluates else None
             result, before, after = recluster_event(model, optimizer, cfg, it, strategy, shock)
             if master:

@@ -1,7 +1,7 @@
 """What one eval interval of train.py records: the validation loss, tokens/s, model FLOPs
 utilization, load balance, parameter counts.
 
-Owns: `evaluate` (mean LM loss on fixed val batches), the bf16 peak table and `peak_flops`,
+Owns: `evaluate` (mean LM loss on fixed val batches; `val_losses` per batch), the bf16 peak table and `peak_flops`,
 `Interval` (what the loop accumulates between two evals) and `close_interval` (the
 log.jsonl record). Does not own: the loop, checkpoints or the schedule (train.py).
 """
@@ -20,9 +20,9 @@ from router import load_cv
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, device, autocast, iters: int | None = None) -> float:
-    """Mean LM loss on the same val batches every time (fixed generator): the first `iters`
-    (default eval_iters) of one fixed sequence."""
+def val_losses(model, val, cfg, device, autocast, iters: int | None = None) -> torch.Tensor:
+    """LM loss of each of the same val batches every time (fixed generator): the first
+    `iters` (default eval_iters) of one fixed sequence -> (iters,)."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
@@ -31,7 +31,12 @@ def evaluate(model, val, cfg, device, autocast, iters: int | None = None) -> flo
         with autocast:
             losses.append(model(x, y)[1])
     model.train()
-    return torch.stack(losses).mean().item()
+    return torch.stack(losses)
+
+
+def evaluate(model, val, cfg, device, autocast, iters: int | None = None) -> float:
+    """Mean LM loss on the fixed val batches (val_losses)."""
+    return val_losses(model, val, cfg, device, autocast, iters).mean().item()
 
 
 # bf16 dense tensor-core peaks (FLOP/s), matched by substring of the device name, first hit
@@ -178,11 +183,12 @@ def log_recluster(out_dir: Path, model, it: int, result, before, after) -> None:
             row[expert] = slot // m
     with open(Path(out_dir) / "reclusters.jsonl", "a") as f:
         f.write(json.dumps({"iter": it, "moved": result.moved, "gain": result.gain,
-                            "skipped": result.skipped, "seconds": result.seconds,
+                            "skipped": result.skipped, "rank": result.rank, "of": result.of,
+                            "margin": result.margin, "rule": result.rule, "seconds": result.seconds,
                             "val_loss_before": before, "val_loss_after": after,
                             "shock": None if before is None else after - before,
                             "membership": membership}) + "\n")
-    tqdm.write(recluster_line(it, result, before, after))
+    tqdm.write(recluster_line(it, result, before, after, cfg.n_clusters))
 
 
 def diverged(out_dir: Path, it: int, loss: float, master: bool) -> FloatingPointError:
@@ -194,14 +200,46 @@ def diverged(out_dir: Path, it: int, loss: float, master: bool) -> FloatingPoint
                               f"checkpoint in {out_dir} is kept")
 
 
-def recluster_line(it: int, result, before, after) -> str:
-    """One printed line per recluster event."""
-    what = "first clustering" if result.created else "recluster"
-    kept = sum(result.skipped)
-    shock = "" if before is None else f", val loss {before:.3f} -> {after:.3f}"
-    return (f"{what} at iteration {it}: {result.moved} experts moved, similarity gain "
-            f"{min(result.gain):.3f}-{max(result.gain):.3f} over {len(result.gain)} layers"
-            f"{f', {kept} kept their groups' if kept else ''}{shock}, {result.seconds:.1f} s")
+def _span(values, fmt: str = "{:.3f}") -> str:
+    low, high = min(values), max(values)
+    return fmt.format(low) if low == high else f"{fmt.format(low)} to {fmt.format(high)}"
+
+
+def recluster_line(it: int, result, before, after, n_clusters: int) -> str:
+    """One printed line per recluster event, saying why each layer kept or changed its
+    grouping in numbers a reader can check (reclusters.jsonl holds them per layer)."""
+    layers, shock = len(result.gain), "" if before is None else f"; val loss {before:.3f} -> {after:.3f}"
+    if result.created:
+        return (f"first clustering at iteration {it}: experts grouped into {n_clusters} clusters in "
+                f"{layers} layers (mean similarity {_span(result.gain, '{:+.3f}')} over a random "
+                f"grouping; the grouping ranks {_span(result.rank, '{}')} of {max(result.of)}){shock}, "
+                f"{result.seconds:.1f} s")
+    kept = [i for i, skipped in enumerate(result.skipped) if skipped]
+    changed = [i for i in range(layers) if i not in kept]
+    why = []
+    if changed:
+        why.append(f"{len(changed)} of {layers} layers regrouped (similarity gain "
+                   f"{_span([result.gain[i] for i in changed])} >= min_gain)")
+    best = [i for i in kept if result.rank[i] == 1]
+    if best:
+        margins = [result.margin[i] for i in best if result.margin[i] is not None]
+        why.append(f"{len(best)} kept a grouping that ranks first of {max(result.of[i] for i in best)}"
+                   + (f" (by {_span(margins)})" if margins else ""))
+    short = [i for i in kept if result.rank[i] > 1 and result.gain[i] > 0]
+    if short:
+        why.append(f"{len(short)} kept one that k-means beat by less than min_gain "
+                   f"(gain {_span([result.gain[i] for i in short])})")
+    missed = [i for i in kept if result.rank[i] > 1 and result.gain[i] <= 0]
+    if missed:
+        why.append(f"{len(missed)} kept one k-means found nothing better than (it ranks "
+                   f"{_span([result.rank[i] for i in missed], '{}')} of {max(result.of)})")
+    rule = result.rule
+    if rule:
+        why.append(f"loss rule: val loss {rule['rise']:+.3f} +- {rule['noise']:.3f} nats, "
+                   + ("within noise: kept" if rule["kept"] else
+                      f"beyond noise: taken back ({rule['proposed_moved']} moves)"))
+    return (f"recluster at iteration {it}: {result.moved} experts moved; {'; '.join(why)}{shock}, "
+            f"{result.seconds:.1f} s")
 
 
 @torch.no_grad()

@@ -99,10 +99,8 @@ def recluster_model(model, optimizer, settings, seed: int = 0) -> Recluster:
     total = Recluster()
     for i, layer in enumerate(model.moe_layers()):
         regrouping, created = recluster_layer(layer, optimizer, settings, seed + i)
-        total.moved += regrouping.moved
-        total.gain.append(regrouping.gain)
-        total.skipped.append(regrouping.skipped)
-        total.created |= created
+        regrouping.reset, regrouping.carry = [], {}  # the temporary full layer's: carried already
+        total.add(regrouping, created)
     return total
 
 

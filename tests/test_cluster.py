@@ -60,3 +60,33 @@ def test_specific_view_is_blind_to_how_far_apart_the_bases_are():
                          cosine_matrix(specific_weights(w1, w2, groups))]
     assert views[10.0][0][0, 1] > views[1.0][0][0, 1] + 0.1
     torch.testing.assert_close(views[10.0][1], views[1.0][1])
+
+
+def test_all_groupings_are_every_balanced_split_once():
+    import itertools
+    from cluster import all_groupings, canonical, n_groupings
+    for n_experts, n_clusters in ((8, 2), (6, 3), (8, 4)):
+        found = [canonical(g) for g in all_groupings(n_experts, n_clusters)]
+        m = n_experts // n_clusters
+        brute = set()     # every ordering of the experts cut into runs of m, labels forgotten
+        for perm in itertools.permutations(range(n_experts)):
+            labels = [0] * n_experts
+            for slot, expert in enumerate(perm):
+                labels[expert] = slot // m
+            brute.add(canonical(torch.tensor(labels)))
+        assert len(found) == len(set(found)) == len(brute) == n_groupings(n_experts, n_clusters)
+        assert set(found) == brute
+
+
+def test_rank_and_margin_of_a_grouping_among_all_of_them():
+    from cluster import all_groupings, rank_among, within_similarity
+    torch.manual_seed(3)
+    feats = torch.randn(8, 5)
+    sim = cosine_matrix(feats)
+    scores = sorted((within_similarity(sim, g) for g in all_groupings(8, 2)), reverse=True)
+    for grouping in list(all_groupings(8, 2))[:6]:
+        rank, of, margin = rank_among(sim, grouping, [], 2)
+        score = within_similarity(sim, grouping)
+        assert of == 35 and rank == 1 + sum(s > score + 1e-9 for s in scores)
+        best_other = max(s for s in scores if abs(s - score) > 1e-12) if rank == 1 else scores[0]
+        assert margin == pytest.approx(score - best_other)
