@@ -91,18 +91,25 @@ def parse_config(cls, argv: list[str], presets: dict | None = None):
     """`--field=value` overrides for any dataclass; unknown keys list the valid ones.
 
     With `presets` and a `--preset=NAME` flag, NAME's values are applied first and explicit
-    flags win over them.
+    flags win over them. The config's `given` attribute holds the fields the flags named
+    (`--preset` itself, not the values it brought): see given_flags.
     """
     valid = {f.name: f for f in fields(cls)}
     values = {}
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg in ("-h", "--help"):
             print(help_text(cls, presets))
             sys.exit(0)
         key, eq, raw = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") and i and argv[i - 1].startswith("--") and "=" not in argv[i - 1]:
+            raise ValueError(f"write {argv[i - 1]}={arg}, not {argv[i - 1]} {arg}")  # a bool flag
         if not arg.startswith("--") or key not in valid:
             raise ValueError(f"unknown argument {arg!r}; valid keys: {', '.join(valid)}")
         kind = type(valid[key].default)
+        if kind is not bool and not eq:
+            spaced = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+            raise ValueError(f"write --{key}={spaced}, not --{key} {spaced}" if spaced else
+                             f"--{key} needs a value: write --{key}=VALUE")
         if kind is bool:
             if raw.lower() not in ("", "1", "0", "true", "false"):
                 raise ValueError(f"--{key} expects true/false, got {raw!r}")
@@ -112,11 +119,21 @@ def parse_config(cls, argv: list[str], presets: dict | None = None):
                 values[key] = kind(raw)
             except ValueError:
                 raise ValueError(f"--{key} expects {kind.__name__}, got {raw!r}") from None
+    given = set(values)
     if presets is not None and values.get("preset"):
         if values["preset"] not in presets:
             raise ValueError(f"unknown preset {values['preset']!r}; valid: {', '.join(presets)}")
         values = {**presets[values["preset"]], **values}
-    return cls(**values)
+    config = cls(**values)
+    config.given = given
+    return config
+
+
+def given_flags(config) -> set[str]:
+    """The fields its command line named (parse_config records them); for a config built in
+    code, those that differ from their defaults."""
+    return getattr(config, "given", None) or {f.name for f in fields(config)
+                                              if getattr(config, f.name) != f.default}
 
 
 def resolve_device(device: str, dtype: str):

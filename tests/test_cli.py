@@ -1,8 +1,15 @@
 """cli.py through every entry point, as a user meets it: bad input is one line on stderr, a
 non-zero exit, no traceback, and nothing written or removed; --debug keeps the traceback;
-an out_dir holding a run is protected; --help describes every flag."""
+an out_dir holding a run is protected; --resume continues the checkpoint's run and refuses
+a flag that contradicts it; Ctrl-C is one line, exit 130, and the run resumes as if unbroken;
+every entry point sets the CPU thread policy before torch loads; --help describes every flag."""
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +28,21 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--ffn_hidden=32", "--n_expe
 def _run(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
+
+
+def _run_all(*commands, env=None):
+    """Several commands at once (each as _run) -> their results, in order."""
+    running = [subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, text=True, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    outputs = [p.communicate(timeout=300) for p in running]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *output)
+            for p, output in zip(running, outputs)]
+
+
+def _messages(stderr: str) -> list[str]:
+    """stderr's lines but the progress bars' (tqdm's \r updates, read as lines)."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not re.match(r"\s*\d+%\|", line)]
 
 
 def _snapshot(*folders) -> dict:
@@ -140,3 +162,24 @@ def test_checkpoints_from_before_the_renames_load():
     assert new["burn_in"] == 200 and new["warmup_iters"] == 50 and new["moe_impl"] == "triton"
     assert "lr_warmup" not in new and TrainConfig(**new).burn_in == 200
     assert upgrade_config(new) == new                      # today's names pass through
+
+
+def test_a_flag_written_with_a_space_names_the_equals_form():
+    before = _snapshot(ROOT / "out")
+    _one_line_error(_run("train.py", "--lr", "0.1"), "write --lr=0.1, not --lr 0.1")
+    _one_line_error(_run("train.py", "--compile", "true"), "write --compile=true")
+    _one_line_error(_run("eval_ppl.py", "--text"), "--text needs a value", "--text=VALUE")
+    assert _snapshot(ROOT / "out") == before
+
+
+def _interrupted(args, out: Path, after: str):
+    """train.py sent SIGINT (Ctrl-C) once `after` appears in out -> the finished process."""
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (out / after).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
