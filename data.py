@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import json
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -71,8 +72,14 @@ def encode_documents(texts: list[str], workers: int = 0, desc: str = "tokenize")
     if workers == 1 or len(chunks) <= 1:
         parts = [_encode_chunk(c) for c in tqdm(chunks, desc=desc, disable=len(chunks) < 2)]
     else:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(tqdm(pool.map(_encode_chunk, chunks), total=len(chunks), desc=desc))
+        # Ctrl-C is the parent's to report in one line: workers ignore it, pending chunks go.
+        with ProcessPoolExecutor(workers, initializer=signal.signal,
+                                 initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+            try:
+                parts = list(tqdm(pool.map(_encode_chunk, chunks), total=len(chunks), desc=desc))
+            except KeyboardInterrupt:
+                pool.shutdown(cancel_futures=True)
+                raise
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 

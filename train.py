@@ -8,12 +8,11 @@ The seam for several processes is `OneProcess`: under torchrun, parallel/ddp.py'
 DataParallel or parallel/ep_state.py's ExpertParallel take its place. What a run records
 and prints is train_log.py's; flags, devices and checkpoint files are cli.py's.
 """
-import os
-# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
-# slowed each step 1.4x (docs/results.md, first run). Read once, before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
+from cli import (Progress, UsageError, check_out_dir, clear_out_dir, load_model, parse_config,
+                 resolve_device, restore_rng, rng_state, run, save_atomic)
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -24,8 +23,6 @@ import torch
 from tqdm import tqdm
 
 import data
-from cli import (UsageError, check_out_dir, clear_out_dir, load_model, parse_config,
-                 resolve_device, restore_rng, rng_state, run, save_atomic)
 from cluster import Recluster, carry_optimizer_state, parse_similarity, recluster_model
 from model import GPT, GPTConfig
 from train_log import (Interval, close_interval, diverged, evaluate, log_record, log_recluster,
@@ -102,6 +99,7 @@ class TrainConfig(GPTConfig):
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
 
     def validate(self):
+        check_out_dir(self)  # first: --resume takes the checkpoint's config
         self.model_config().validate()
         rules = [
             (self.preset in ("", *PRESETS), f"preset must be '' or one of {sorted(PRESETS)}"),
@@ -118,7 +116,6 @@ class TrainConfig(GPTConfig):
             (min(self.kmeans_restarts, self.shock_iters, self.ckpt_interval, self.sample_tokens) >= 0,
              "kmeans_restarts, shock_iters, ckpt_interval and sample_tokens must be >= 0"),
             (self.final_ckpt in ("full", "weights"), "final_ckpt must be full|weights"),
-            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
             (self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
              "compile_mode must be default|reduce-overhead|max-autotune"),
         ]
@@ -133,7 +130,6 @@ class TrainConfig(GPTConfig):
                 raise ValueError(f"bad train config: {message}")
         data.check_dataset(self.dataset, self.val_split)
         parse_similarity(self.similarity)
-        check_out_dir(self.out_dir, self.resume, self.overwrite)
         return self
 
 
@@ -288,20 +284,22 @@ def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, shock
     return result, before, after
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one training job; returns the last eval record."""
+def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
+    """Run one training job; returns the last eval record. `progress` follows it, for Ctrl-C."""
     cfg.validate()
+    progress = progress or Progress()
+    progress.out_dir = cfg.out_dir
     strategy = make_strategy(cfg)
     device, dtype, master = strategy.device, strategy.dtype, strategy.master
     torch.manual_seed(cfg.seed + strategy.rank)
     out_dir = Path(cfg.out_dir)
     train_tokens, val_tokens, meta = load_data(cfg, strategy)  # a bad dataset stops us here
     if master:
-        clear_out_dir(out_dir, cfg.overwrite)
+        clear_out_dir(out_dir, fresh=not cfg.resume)
 
     # Model, optimizer and RNG streams (all ranks): fresh, or where the checkpoint left them.
     batch_gen = torch.Generator().manual_seed(cfg.seed + strategy.rank)
-    start_iter = 0
+    start_iter, ckpt = 0, None
     if cfg.resume:
         model, ckpt = load_model(out_dir / "ckpt.pt", device, resume=True)
         start_iter = ckpt["iter"]
@@ -311,9 +309,8 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model = GPT(cfg.model_config()).to(device)
     if master:
-        print(startup_summary(cfg, model, meta, device, dtype, strategy.world))
-        if not cfg.resume:
-            write_config(out_dir, cfg, meta)
+        print(startup_summary(cfg, model, meta, device, dtype, strategy.world, ckpt))
+        write_config(out_dir, cfg, meta)
     strategy.prepare(model)
     optimizer = build_optimizer(model, cfg)
     if cfg.resume:
@@ -335,6 +332,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
     for it in bar:
+        progress.it = it
         # Recluster event (all ranks): optimizer state follows the experts; the first
         # clustering creates parameters, so then the optimizer and the wrapper are rebuilt.
         if recluster_due(it, cfg):
@@ -397,4 +395,5 @@ def train(cfg: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run(lambda argv: train(parse_config(TrainConfig, argv, PRESETS).validate()), sys.argv[1:])
+    where = Progress()  # train() keeps it current: what a Ctrl-C reports
+    run(lambda argv: train(parse_config(TrainConfig, argv, PRESETS), where), sys.argv[1:], where.line)

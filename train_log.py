@@ -117,13 +117,24 @@ def trim_logs(out_dir: Path, done: int) -> None:
         if path.exists():
             lines = path.read_text().splitlines()
             kept = [line for line in lines if json.loads(line)["iter"] <= last]
-            if len(kept) < len(lines):
-                path.write_text("".join(line + "\n" for line in kept))
+            if len(kept) < len(lines):  # via a temp file: Ctrl-C here never truncates the log
+                path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+                path.with_suffix(".tmp").replace(path)
 
 
-def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1) -> str:
+def resume_line(ckpt: dict, cfg) -> str:
+    """What a resumed run continues, and which of its settings the flags changed."""
+    changed = [f"{name} {old} -> {getattr(cfg, name)}" for name, old in ckpt["config"].items()
+               if name not in ("resume", "overwrite") and old != getattr(cfg, name, old)]
+    return (f"resume: {cfg.out_dir}/ckpt.pt from iteration {ckpt['iter']}; "
+            + (f"changed: {', '.join(changed)}" if changed else "no setting changed"))
+
+
+def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1,
+                    resumed: dict | None = None) -> str:
     """What a run is about to do, in a few lines: model kind and size, data, token budget,
-    device, output folder and checkpoint size."""
+    device, output folder and checkpoint size; first, for a resumed run, its checkpoint and
+    which settings the flags changed."""
     counts = model.param_counts()
     kind = {"dense": "dense GPT", "topk": f"top-{cfg.top_k} MoE, E={cfg.n_experts}",
             "clustered": f"clustered MoE, E={cfg.n_experts} in G={cfg.n_clusters}, rank {cfg.rank}, "
@@ -147,13 +158,18 @@ def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1) 
         + (f", the last one {weights / 2**20:,.0f} MiB" if cfg.final_ckpt == "weights" else "")
         + (", smaller once clustered" if cfg.moe == "clustered" else "") + ")",
     ]
-    return "\n".join(lines)
+    return "\n".join(([resume_line(resumed, cfg)] if resumed else []) + lines)
 
 
 def write_config(out_dir: Path, cfg, meta: dict) -> None:
-    """config.json: what this run is, beside its logs (flags, data, split, token counts)."""
-    (Path(out_dir) / "config.json").write_text(json.dumps(
-        {"argv": sys.argv, "config": asdict(cfg), "data": meta.get("sources", cfg.dataset),
+    """config.json: what this run is, beside its logs (flags, data, split, token counts); a
+    resumed run rewrites it with its config and adds its command line to `resumed`."""
+    path = Path(out_dir) / "config.json"
+    first = json.loads(path.read_text()) if cfg.resume and path.exists() else {}
+    path.write_text(json.dumps(
+        {"argv": first.get("argv", sys.argv),
+         "resumed": first.get("resumed", []) + ([sys.argv] if cfg.resume else []),
+         "config": asdict(cfg), "data": meta.get("sources", cfg.dataset),
          "val_split": meta.get("val_split"), "tokens": meta.get("tokens")}, indent=1))
 
 

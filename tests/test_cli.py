@@ -172,6 +172,33 @@ def test_a_flag_written_with_a_space_names_the_equals_form():
     assert _snapshot(ROOT / "out") == before
 
 
+def test_resume_takes_the_checkpoints_config_and_refuses_a_contradiction(run_dir, tmp_path):
+    out, data = tmp_path / "out", f"--data_dir={run_dir / 'data'}"
+    assert _run("train.py", *TINY, "--n_layer=2", "--burn_in=1", f"--out_dir={out}", data).returncode == 0
+    ckpt, before = (out / "ckpt.pt").read_bytes(), _snapshot(out)
+    cases = ((["--n_layer=6", "--moe=dense"], ["--moe=dense", "moe=clustered"]),
+             (["--n_layer=4"], ["--n_layer=4", "n_layer=2"]),            # the default, given
+             (["--preset=small"], ["--preset=small", "preset=''"]),
+             (["--batch_size=4"], ["--batch_size=4", "batch_size=2"]),
+             (["--max_iters=2"], ["at iteration 2", "larger --max_iters"]))
+    for (_, phrases), result in zip(cases, _run_all(*(["train.py", "--resume", f"--out_dir={out}",
+                                                       *flags] for flags, _ in cases))):
+        _one_line_error(result, *phrases)
+    assert (out / "ckpt.pt").read_bytes() == ckpt and _snapshot(out) == before
+    # No flag repeated: the checkpoint's 2 clustered layers, its data and device; max_iters changes.
+    resumed = _run("train.py", "--resume", f"--out_dir={out}", "--max_iters=4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "changed: max_iters 2 -> 4" in resumed.stdout and "2 layers" in resumed.stdout
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["iter"] == 4 and saved["config"]["n_layer"] == 2 and saved["config"]["burn_in"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["max_iters"] == 4 and config["resumed"][0][1:] == [
+        "--resume", f"--out_dir={out}", "--max_iters=4"]
+    scored = _run("eval_ppl.py", f"--ckpt={out / 'ckpt.pt'}", f"--text={ROOT / 'README.md'}",
+                  "--device=cpu")
+    assert scored.returncode == 0 and "ppl" in scored.stdout, scored.stderr[-2000:]
+
+
 def _interrupted(args, out: Path, after: str):
     """train.py sent SIGINT (Ctrl-C) once `after` appears in out -> the finished process."""
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True,
@@ -183,3 +210,50 @@ def _interrupted(args, out: Path, after: str):
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_the_resumed_run_equals_an_unbroken_one(run_dir, tmp_path):
+    out, data = tmp_path / "cut", f"--data_dir={run_dir / 'data'}"
+    schedule = [*TINY, "--eval_interval=2", "--burn_in=3", "--recluster_interval=3",
+                "--lr_decay_iters=12", "--warmup_iters=2", data]
+    cut = _interrupted([*schedule, "--max_iters=1000", f"--out_dir={out}"], out, "ckpt.pt")
+    lines = _messages(cut.stderr)
+    assert cut.returncode == 130 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
+    assert len(lines) == 1, lines
+    found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is "
+                         r"kept; resume with: python train.py --resume --out_dir=(\S+)", lines[0])
+    assert found and found[3] == str(out), lines
+    at, kept = int(found[1]), int(found[2])
+    assert kept <= at and torch.load(out / "ckpt.pt", weights_only=True)["iter"] == kept
+    assert not (out / "ckpt.tmp").exists()
+    end = kept + 6                                  # past a recluster, beyond where it stopped
+    resumed = _run("train.py", "--resume", f"--out_dir={out}", f"--max_iters={end}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    train.train(parse_config(TrainConfig, [*schedule, f"--max_iters={end}",
+                                           f"--out_dir={tmp_path / 'whole'}"]))
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("cut", "whole"))
+    assert a["iter"] == b["iter"] == end and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    logs = [[(r["iter"], r["val_loss"]) for r in map(json.loads, (tmp_path / name / "log.jsonl")
+                                                     .read_text().splitlines())]
+            for name in ("cut", "whole")]
+    assert logs[0] == logs[1]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_blocks_nothing(run_dir, tmp_path):
+    out, data = tmp_path / "early", f"--data_dir={run_dir / 'data'}"
+    flags = [*TINY, f"--out_dir={out}", data]
+    cut = _interrupted([*flags, "--max_iters=100000", "--eval_interval=100000"], out, "config.json")
+    assert cut.returncode == 130 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
+    lines = _messages(cut.stderr)
+    assert len(lines) == 1 and re.fullmatch(
+        r"interrupted (at iteration \d+|before the first iteration); no checkpoint yet in "
+        + re.escape(str(out)) + ", nothing to resume: run the same command again to start afresh",
+        lines[0]), lines
+    before = _snapshot(out)
+    _one_line_error(_run("train.py", "--resume", f"--out_dir={out}"), "no checkpoint at",
+                    "without --resume")
+    assert _snapshot(out) == before
+    again = _run("train.py", *flags)
+    assert again.returncode == 0 and "stopped before its first checkpoint" in again.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2
