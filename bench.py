@@ -20,6 +20,8 @@ Owns: BenchConfig and running the sections (benchmarks/sections.py's table, name
 and the closing table that marks each of the paper's claims (benchmarks/claims.py).
 Does not own: the models or training (model.py, train.py), plotting (benchmarks/plots.py).
 """
+# cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
+from cli import parse_config, run
 import json
 import sys
 import time
@@ -28,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from cli import parse_config, run
 from train import PRESETS
 
 

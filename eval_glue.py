@@ -12,6 +12,8 @@ Does not own: task formats, pair encoding, metrics, downloads (glue.py); the net
 fine-tuned with the clusters it was saved with (cluster.py is not imported).
 Usage: python eval_glue.py --ckpt=out/ckpt.pt --task=sst2 (or cola,stsb; all --download; staged)
 """
+# cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
+from cli import UsageError, load_model, parse_config, resolve_device, run
 import copy
 import json
 import math
@@ -28,7 +30,6 @@ from tqdm import tqdm
 
 import data
 import glue
-from cli import UsageError, load_model, parse_config, resolve_device, run
 
 
 @dataclass

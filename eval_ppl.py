@@ -9,6 +9,8 @@ early in a window sees little context, so this is cheaper and a little more pess
 a sliding window; it is the same rule for every file and checkpoint.
 Does not own: models and checkpoints (train.py), tokenization (data.py).
 """
+# cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
+from cli import UsageError, load_model, parse_config, resolve_device, run
 import math
 import sys
 from contextlib import nullcontext
@@ -21,7 +23,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from cli import load_model, parse_config, resolve_device, run
 
 
 @dataclass

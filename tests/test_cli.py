@@ -257,3 +257,23 @@ def test_a_run_stopped_before_its_first_checkpoint_blocks_nothing(run_dir, tmp_p
     again = _run("train.py", *flags)
     assert again.returncode == 0 and "stopped before its first checkpoint" in again.stdout
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2
+
+
+def test_every_entry_point_sets_the_thread_policy_before_torch_loads():
+    """Each entry point, run as a script, with OMP_WAIT_POLICY unset: what it holds when
+    torch is first imported (OpenMP reads it then, once)."""
+    probe = ("import os, runpy, sys\n"
+             "class Probe:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch' and 'seen' not in os.environ:\n"
+             "            os.environ['seen'] = os.environ.get('OMP_WAIT_POLICY', 'unset')\n"
+             "            print('policy when torch loads:', os.environ['seen'], file=sys.stderr)\n"
+             "sys.meta_path.insert(0, Probe())\n"
+             "sys.argv = [sys.argv[1], '--help']\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    entries = ("train.py", "sample.py", "eval_ppl.py", "eval_glue.py", "bench.py")
+    unset = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for entry, result in zip(entries, _run_all(*(["-c", probe, entry] for entry in entries),
+                                               env=unset)):
+        assert result.returncode == 0 and "usage:" in result.stdout, (entry, result.stderr[-2000:])
+        assert "policy when torch loads: PASSIVE" in result.stderr, (entry, result.stderr[-2000:])
