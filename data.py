@@ -169,11 +169,17 @@ def read_meta(folder) -> dict:
     return meta
 
 
-def load_split(folder, split: str) -> np.memmap:
+def load_split(folder, split: str, block_size: int = 0) -> np.memmap:
+    """A split's tokens; with block_size, one that cannot hold a window and its next token is
+    refused here, before a run writes or trains anything."""
     path = Path(folder) / f"{split}.bin"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; prepare the dataset first")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if block_size and len(tokens) < block_size + 2:
+        raise ValueError(f"the {split} split of {folder} holds {len(tokens)} tokens, fewer than "
+                         f"block_size + 2 = {block_size + 2}: use more text or a smaller --block_size")
+    return tokens
 
 
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, device,

@@ -240,7 +240,7 @@ def load_data(cfg: TrainConfig, strategy: OneProcess):
             except (OSError, RuntimeError) as error:  # a download, a disk: the user's to fix
                 raise UsageError(f"preparing {cfg.dataset}: {error}") from None
         strategy.barrier()
-    return data.load_split(folder, "train"), data.load_split(folder, "val"), data.read_meta(folder)
+    return *(data.load_split(folder, s, cfg.block_size) for s in ("train", "val")), data.read_meta(folder)
 
 
 def train_step(runner, model, optimizer, batches, cfg: TrainConfig, autocast, strategy,

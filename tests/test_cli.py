@@ -172,6 +172,25 @@ def test_a_flag_written_with_a_space_names_the_equals_form():
     assert _snapshot(ROOT / "out") == before
 
 
+def test_binary_text_is_one_line(run_dir, tmp_path):
+    ckpt = run_dir / "run" / "ckpt.pt"
+    for name, raw, phrase in (("nul.txt", b"text\x00\x01\x02 more", "NUL bytes"),
+                              ("latin.txt", "caf\xe9".encode("latin-1"), "not UTF-8 text")):
+        (tmp_path / name).write_bytes(raw)
+        _one_line_error(_run("eval_ppl.py", f"--ckpt={ckpt}", f"--text={tmp_path / name}",
+                             "--device=cpu"), phrase, name)
+
+
+def test_a_split_too_short_for_block_size_is_refused_before_any_work(tmp_path):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "a.txt").write_text("one line of text\n" * 40 + "the end\n")
+    out = tmp_path / "out"
+    result = _run("train.py", *TINY, f"--dataset={tmp_path / 'tiny'}", f"--out_dir={out}",
+                  f"--data_dir={tmp_path / 'data'}")
+    _one_line_error(result, "the val split", "fewer than block_size + 2 = 34", "--block_size")
+    assert not out.exists()                     # no run files; only the prepared tokens
+
+
 def test_resume_takes_the_checkpoints_config_and_refuses_a_contradiction(run_dir, tmp_path):
     out, data = tmp_path / "out", f"--data_dir={run_dir / 'data'}"
     assert _run("train.py", *TINY, "--n_layer=2", "--burn_in=1", f"--out_dir={out}", data).returncode == 0
