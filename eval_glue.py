@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,7 +204,7 @@ def prepare(cfg: GlueConfig) -> dict:
             f"no GLUE data for task={cfg.task} in {where} (need train.tsv and the dev split "
             f"files); run with --download to fetch it, or pass --data_dir pointing at a GLUE "
             f"folder (one holding SST-2/, RTE/, ...) or at the task's own folder")
-    autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == "bfloat16")
     return {"gpt": gpt, "ckpt": ckpt, "device": device, "autocast": autocast, "tasks": tasks,
             "skipped": skipped}
 

@@ -320,8 +320,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     compiled = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     runner = strategy.wrap(compiled)
     # A CUDA graph cannot hold autocast's cache of cast weights (tensors made in capture).
-    autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=not cfg.cuda_graph) \
-        if dtype == "bfloat16" else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16,
+                              cache_enabled=not cfg.cuda_graph) if dtype == "bfloat16" else nullcontext()
     interval, record = Interval.start(model.moe_layers(), device), {}
 
     def step(batches):  # the current runner and optimizer: a recluster may replace them

@@ -296,3 +296,15 @@ def test_every_entry_point_sets_the_thread_policy_before_torch_loads():
                                                env=unset)):
         assert result.returncode == 0 and "usage:" in result.stdout, (entry, result.stderr[-2000:])
         assert "policy when torch loads: PASSIVE" in result.stderr, (entry, result.stderr[-2000:])
+
+
+def test_bfloat16_on_a_cpu_runs_bfloat16(run_dir, tmp_path):
+    """--dtype=bfloat16 on a CPU is bf16 autocast for real: the summary says so, and the
+    losses differ from the float32 run of the same flags (run_dir)."""
+    out = tmp_path / "bf16"
+    result = _run("train.py", *TINY, "--dtype=bfloat16", f"--out_dir={out}",
+                  f"--data_dir={run_dir / 'data'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on cpu (bfloat16)" in result.stdout and "Disabling" not in result.stderr
+    loss = lambda folder: json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["val_loss"]
+    assert loss(out) != loss(run_dir / "run")
