@@ -198,7 +198,7 @@ def log_recluster(out_dir: Path, model, it: int, result, before, after) -> None:
                             "val_loss_before": before, "val_loss_after": after,
                             "shock": None if before is None else after - before,
                             "membership": membership}) + "\n")
-    tqdm.write(recluster_line(it, result, before, after))
+    tqdm.write(recluster_line(it, result, before, after, cfg.n_experts, cfg.n_clusters))
 
 
 def diverged(out_dir: Path, it: int, loss: float, master: bool) -> FloatingPointError:
@@ -210,14 +210,16 @@ def diverged(out_dir: Path, it: int, loss: float, master: bool) -> FloatingPoint
                               f"checkpoint in {out_dir} is kept")
 
 
-def recluster_line(it: int, result, before, after) -> str:
-    """One printed line per recluster event."""
-    what = "first clustering" if result.created else "recluster"
+def recluster_line(it: int, result, before, after, n_experts: int, n_clusters: int) -> str:
+    """One printed line per recluster event: the first groups the experts, later ones move them."""
+    what = (f"first clustering at iteration {it}: {n_experts} experts grouped into {n_clusters} "
+            f"clusters" if result.created else f"recluster at iteration {it}: {result.moved} "
+            f"experts moved")
     kept = sum(result.skipped)
     shock = "" if before is None else f", val loss {before:.3f} -> {after:.3f}"
-    return (f"{what} at iteration {it}: {result.moved} experts moved, similarity gain "
-            f"{min(result.gain):.3f}-{max(result.gain):.3f} over {len(result.gain)} layers"
-            f"{f', {kept} kept their groups' if kept else ''}{shock}, {result.seconds:.1f} s")
+    return (f"{what}, similarity gain {min(result.gain):.3f}-{max(result.gain):.3f} over "
+            f"{len(result.gain)} layers{f', {kept} kept their groups' if kept else ''}{shock}, "
+            f"{result.seconds:.1f} s")
 
 
 @torch.no_grad()
