@@ -177,8 +177,10 @@ def test_binary_text_is_one_line(run_dir, tmp_path):
     for name, raw, phrase in (("nul.txt", b"text\x00\x01\x02 more", "NUL bytes"),
                               ("latin.txt", "caf\xe9".encode("latin-1"), "not UTF-8 text")):
         (tmp_path / name).write_bytes(raw)
+        before = _snapshot(tmp_path, run_dir / "run")
         _one_line_error(_run("eval_ppl.py", f"--ckpt={ckpt}", f"--text={tmp_path / name}",
                              "--device=cpu"), phrase, name)
+        assert _snapshot(tmp_path, run_dir / "run") == before
 
 
 def test_a_split_too_short_for_block_size_is_refused_before_any_work(tmp_path):
