@@ -20,6 +20,8 @@ Owns: BenchConfig and running the sections (benchmarks/sections.py's table, name
 and the closing table that marks each of the paper's claims (benchmarks/claims.py).
 Does not own: the models or training (model.py, train.py), plotting (benchmarks/plots.py).
 """
+# cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
+from cli import parse_config, run
 import json
 import sys
 import time
@@ -28,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from cli import parse_config, run
 from train import PRESETS
 
 
@@ -40,7 +41,7 @@ class BenchConfig:
                                    # quick model)
     out_dir: str = "bench_out"     # bench.json, the PNGs and every training run go here
     device: str = "auto"           # auto | cpu | cuda | cuda:N
-    smoke: bool = False            # tiny sizes: every section in seconds on a CPU
+    smoke: bool = False            # tiny sizes: the sections asked for, in seconds on a CPU
     seed: int = 0                  # weights, batches and clustering of every model
     # timing:
     tokens: int = 16384            # layers: tokens per timed forward + backward of one layer
@@ -80,7 +81,7 @@ class BenchConfig:
     glue_max_examples: int = 10000  # training examples per fine-tuning (0 = all), 2 epochs
 
     def shrink(self):
-        """--smoke: tiny sizes so the whole bench runs in seconds on CPU."""
+        """--smoke: tiny sizes, so the default sections run in seconds on a CPU."""
         self.tokens, self.repeats, self.warmup, self.compile_layers = 256, 2, 1, False
         self.batch_size, self.train_iters, self.eval_iters = 2, 4, 1
         self.routing_batches, self.seeds = 1, 2

@@ -1,21 +1,27 @@
 """What every entry point shares: `--field=value` flags, errors, devices, checkpoint files.
 
-Owns: `parse_config` (any dataclass; unknown keys are an error listing the valid ones; named
+Owns: the CPU thread policy (set as it loads: entry points import cli before torch),
+`parse_config` (any dataclass; unknown keys are an error listing the valid ones; named
 presets with explicit flags winning; `--help` prints every flag with the comment beside its
 field, under the group comments of its dataclass), `check_rules` (a config's rules -> one
-error), `run` (an entry point's errors in its
-input become one line, `--debug` shows the traceback), `resolve_device`, `save_atomic`
-(temp file + rename, so a crash or a full disk never leaves a half-written checkpoint), and
-reading checkpoints safely (`weights_only=True`: a checkpoint from elsewhere cannot run code;
-older field names are upgraded) into a GPT.
+error), `run` (an entry point's errors in its input, and Ctrl-C, become one line; `--debug`
+shows the traceback), `resolve_device`, `save_atomic` (temp file + rename, so a crash, a full
+disk or Ctrl-C never leaves a half-written checkpoint), reading checkpoints safely
+(`weights_only=True`: a checkpoint from elsewhere cannot run code; older field names are
+upgraded) into a GPT, and the run's out_dir (what --resume continues: the checkpoint's
+config, with only the flags that may change).
 Does not own: any config's fields (each entry point's dataclass) or the training loop.
 """
-import inspect
 import os
+# Idle OpenMP threads sleep instead of spinning, so a busy machine is not slowed further
+# (measured: docs/results.md, the first run). OpenMP reads it once, as torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import inspect
 import re
 import shutil
 import sys
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import torch
@@ -36,10 +42,11 @@ class CheckpointError(RuntimeError):
 INPUT_ERRORS = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError)
 
 
-def run(main, argv: list[str]):
+def run(main, argv: list[str], interrupted=lambda: "interrupted"):
     """main(argv) for an entry point: an input error prints `error: <one line>` on stderr
-    and exits with status 1; with --debug it raises, traceback and all. Any other exception
-    is a bug and keeps its traceback."""
+    and exits with status 1; Ctrl-C prints `interrupted()` (one line: what is kept, how to go
+    on) and exits with status 130; with --debug both raise, traceback and all. Any other
+    exception is a bug and keeps its traceback."""
     debug = "--debug" in argv
     try:
         return main([arg for arg in argv if arg != "--debug"])
@@ -47,6 +54,14 @@ def run(main, argv: list[str]):
         if debug:
             raise
         sys.exit("error: " + " ".join(str(error).split()))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        line = interrupted()
+    # Printed once the except is left: the interrupted frames are freed, so a progress bar
+    # has closed its line first.
+    print(line, file=sys.stderr)
+    sys.exit(130)
 
 
 def check_rules(rules: list[tuple[bool, str]], what: str) -> None:
@@ -99,18 +114,25 @@ def parse_config(cls, argv: list[str], presets: dict | None = None):
     """`--field=value` overrides for any dataclass; unknown keys list the valid ones.
 
     With `presets` and a `--preset=NAME` flag, NAME's values are applied first and explicit
-    flags win over them.
+    flags win over them. The config's `given` attribute holds the fields the flags named
+    (`--preset` itself, not the values it brought): see given_flags.
     """
     valid = {f.name: f for f in fields(cls)}
     values = {}
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg in ("-h", "--help"):
             print(help_text(cls, presets))
             sys.exit(0)
         key, eq, raw = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") and i and argv[i - 1].startswith("--") and "=" not in argv[i - 1]:
+            raise ValueError(f"write {argv[i - 1]}={arg}, not {argv[i - 1]} {arg}")  # a bool flag
         if not arg.startswith("--") or key not in valid:
             raise ValueError(f"unknown argument {arg!r}; valid keys: {', '.join(valid)}")
         kind = type(valid[key].default)
+        if kind is not bool and not eq:
+            spaced = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+            raise ValueError(f"write --{key}={spaced}, not --{key} {spaced}" if spaced else
+                             f"--{key} needs a value: write --{key}=VALUE")
         if kind is bool:
             if raw.lower() not in ("", "1", "0", "true", "false"):
                 raise ValueError(f"--{key} expects true/false, got {raw!r}")
@@ -120,11 +142,21 @@ def parse_config(cls, argv: list[str], presets: dict | None = None):
                 values[key] = kind(raw)
             except ValueError:
                 raise ValueError(f"--{key} expects {kind.__name__}, got {raw!r}") from None
+    given = set(values)
     if presets is not None and values.get("preset"):
         if values["preset"] not in presets:
             raise ValueError(f"unknown preset {values['preset']!r}; valid: {', '.join(presets)}")
         values = {**presets[values["preset"]], **values}
-    return cls(**values)
+    config = cls(**values)
+    config.given = given
+    return config
+
+
+def given_flags(config) -> set[str]:
+    """The fields its command line named (parse_config records them); for a config built in
+    code, those that differ from their defaults."""
+    return getattr(config, "given", None) or {f.name for f in fields(config)
+                                              if getattr(config, f.name) != f.default}
 
 
 def resolve_device(device: str, dtype: str):
@@ -148,11 +180,12 @@ def upgrade_config(config: dict) -> dict:
     return config
 
 
-def load_checkpoint(path, device="cpu") -> dict:
+def load_checkpoint(path, device="cpu", mmap: bool = False) -> dict:
+    """mmap: tensors are read only when touched (the config of a large checkpoint, quickly)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as error:
         first = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
         raise UsageError(f"cannot read checkpoint {path}: corrupt, truncated or not one of "
@@ -191,24 +224,84 @@ def state_bytes(obj) -> int:
 
 # The files a training run writes into its out_dir.
 RUN_FILES = ("ckpt.pt", "log.jsonl", "reclusters.jsonl", "config.json", "diverged.json")
+# Fields that are this invocation's, never the checkpoint's: where the run is and how it starts.
+INVOCATION = ("out_dir", "resume", "overwrite")
+# What --resume may change in a train.py run: how long and how fast it learns, how it is
+# watched, where it runs; any other field given that contradicts the checkpoint is refused.
+RESUMABLE = ("max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "eval_interval",
+             "eval_iters", "log_interval", "ckpt_interval", "final_ckpt", "sample_tokens",
+             "shock_iters", "device", "dtype", "compile", "compile_mode", "cuda_graph",
+             "expert_parallel", "dataset", "data_dir")
 
 
-def check_out_dir(out_dir, resume: bool, overwrite: bool) -> None:
-    """Before any work: --resume needs a checkpoint; a fresh run never lands on another's files."""
-    out = Path(out_dir)
-    if resume and not (out / "ckpt.pt").exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
-    held = [name for name in RUN_FILES if (out / name).exists()]
-    if held and not (resume or overwrite):
+def check_out_dir(cfg, may_change=RESUMABLE) -> None:
+    """Before any work, for a training config: a fresh run never lands on another's checkpoint
+    (a run stopped before its first one has nothing to resume: a fresh run replaces it).
+    --resume continues the checkpoint's run: cfg takes the checkpoint's config, but for the
+    flags given (given_flags) in `may_change`; another flag given that contradicts it is refused."""
+    out, path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if path.exists() and not (cfg.resume or cfg.overwrite):
+        held = [name for name in RUN_FILES if (out / name).exists()]
         raise ValueError(f"{out} holds a run ({', '.join(held)}); pass --resume to continue it "
                          f"or --overwrite to start over (its files are replaced)")
+    if not cfg.resume:
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (a run stopped before its "
+                                f"first checkpoint has none: start it again without --resume)")
+    ckpt = load_checkpoint(path, mmap=True)
+    if ckpt.get("optimizer") is None:
+        raise UsageError(f"--resume: {path} holds weights only (final_ckpt=weights), no optimizer "
+                         f"state to resume from")
+    given = given_flags(cfg)
+    for field in fields(cfg):
+        name, mine = field.name, getattr(cfg, field.name)
+        theirs = ckpt["config"].get(name, field.default)
+        if name in INVOCATION or mine == theirs:
+            continue
+        if name not in given:
+            setattr(cfg, name, theirs)
+        elif name not in may_change:
+            raise UsageError(f"--resume: --{name}={mine} contradicts the checkpoint's {name}="
+                             f"{theirs or repr(theirs)} ({path}); drop the flag to continue that run, or start "
+                             f"a new one in another --out_dir")
+    if ckpt["iter"] >= cfg.max_iters:
+        raise UsageError(f"--resume: {path} is at iteration {ckpt['iter']}, the run's max_iters="
+                         f"{cfg.max_iters}: nothing to do; pass a larger --max_iters to go on")
 
 
-def clear_out_dir(out_dir, overwrite: bool) -> None:
-    """Create out_dir; with --overwrite its old run's files go first, so logs never mix."""
-    for name in RUN_FILES if overwrite else ():
-        (Path(out_dir) / name).unlink(missing_ok=True)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+def clear_out_dir(out_dir, fresh: bool) -> None:
+    """Create out_dir; a fresh run first removes an earlier run's files (--overwrite, or a run
+    stopped before its first checkpoint), so logs never mix."""
+    out = Path(out_dir)
+    old = [name for name in RUN_FILES if fresh and (out / name).exists()]
+    if old and not (out / "ckpt.pt").exists():
+        print(f"{out}: replacing a run stopped before its first checkpoint ({', '.join(old)})")
+    for name in old:
+        (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@dataclass
+class Progress:
+    """Where a training run is, for the line Ctrl-C prints (run's `interrupted`): its out_dir
+    and the iteration under way (0-based; None before the first), printed 1-based like log.jsonl."""
+    out_dir: str = ""
+    it: int | None = None
+
+    def line(self) -> str:
+        if not self.out_dir:  # still reading its flags
+            return "interrupted before training started"
+        where = "before the first iteration" if self.it is None else f"at iteration {self.it + 1}"
+        try:
+            kept = load_checkpoint(Path(self.out_dir) / "ckpt.pt", mmap=True)["iter"]
+        except (FileNotFoundError, UsageError):
+            return (f"interrupted {where}; no checkpoint yet in {self.out_dir}, nothing to "
+                    f"resume: run the same command again to start afresh")
+        return (f"interrupted {where}; the checkpoint of iteration {kept} is kept; resume with: "
+                f"python train.py --resume --out_dir={self.out_dir}")
 
 
 def rng_state(batch_gen: torch.Generator) -> dict:
@@ -243,8 +336,10 @@ def save_atomic(obj, path: Path):
         raise CheckpointError(f"{where}; the last good checkpoint is kept")
     try:
         torch.save(obj, tmp)
-    except OSError as error:
+    except BaseException as error:  # a full disk, or Ctrl-C mid-write: no half file stays
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{where} ({error.strerror or error}); the last good checkpoint "
-                              f"is kept") from None
+        if isinstance(error, OSError):
+            raise CheckpointError(f"{where} ({error.strerror or error}); the last good "
+                                  f"checkpoint is kept") from None
+        raise
     os.replace(tmp, path)

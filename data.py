@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import json
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -61,8 +62,14 @@ def encode_documents(texts: list[str], workers: int = 0, desc: str = "tokenize")
     if workers == 1 or len(chunks) <= 1:
         parts = [_encode_chunk(c) for c in tqdm(chunks, desc=desc, disable=len(chunks) < 2)]
     else:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(tqdm(pool.map(_encode_chunk, chunks), total=len(chunks), desc=desc))
+        # Ctrl-C is the parent's to report in one line: workers ignore it, pending chunks go.
+        with ProcessPoolExecutor(workers, initializer=signal.signal,
+                                 initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+            try:
+                parts = list(tqdm(pool.map(_encode_chunk, chunks), total=len(chunks), desc=desc))
+            except KeyboardInterrupt:
+                pool.shutdown(cancel_futures=True)
+                raise
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
@@ -171,11 +178,17 @@ def read_meta(folder) -> dict:
     return meta
 
 
-def load_split(folder, split: str) -> np.memmap:
+def load_split(folder, split: str, block_size: int = 0) -> np.memmap:
+    """A split's tokens; with block_size, one that cannot hold a window and its next token is
+    refused here, before a run writes or trains anything."""
     path = Path(folder) / f"{split}.bin"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; prepare the dataset first")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if block_size and len(tokens) < block_size + 2:
+        raise ValueError(f"the {split} split of {folder} holds {len(tokens)} tokens, fewer than "
+                         f"block_size + 2 = {block_size + 2}: use more text or a smaller --block_size")
+    return tokens
 
 
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, device,

@@ -12,11 +12,12 @@ Does not own: task formats, pair encoding, metrics, downloads (glue.py); the net
 fine-tuned with the clusters it was saved with (cluster.py is not imported).
 Usage: python eval_glue.py --ckpt=out/ckpt.pt --task=sst2 (or cola,stsb; all --download; staged)
 """
+# cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
+from cli import UsageError, check_rules, load_model, parse_config, resolve_device, run
 import copy
 import json
 import math
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,6 @@ from tqdm import tqdm
 
 import data
 import glue
-from cli import UsageError, check_rules, load_model, parse_config, resolve_device, run
 
 
 @dataclass
@@ -202,7 +202,7 @@ def prepare(cfg: GlueConfig) -> dict:
             f"no GLUE data for task={cfg.task} in {where} (need train.tsv and the dev split "
             f"files); run with --download to fetch it, or pass --data_dir pointing at a GLUE "
             f"folder (one holding SST-2/, RTE/, ...) or at the task's own folder")
-    autocast = torch.autocast("cuda", torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == "bfloat16")
     return {"gpt": gpt, "ckpt": ckpt, "device": device, "autocast": autocast, "tasks": tasks,
             "skipped": skipped}
 

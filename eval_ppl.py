@@ -9,6 +9,8 @@ early in a window sees little context, so this is cheaper and a little more pess
 a sliding window; it is the same rule for every file and checkpoint.
 Does not own: models and checkpoints (train.py), tokenization (data.py).
 """
+# cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
+from cli import UsageError, check_rules, load_model, parse_config, resolve_device, run
 import math
 import sys
 from contextlib import nullcontext
@@ -21,7 +23,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from cli import check_rules, load_model, parse_config, resolve_device, run
 
 
 @dataclass
@@ -42,6 +43,20 @@ class PplConfig:
         return self
 
 
+def read_text(path) -> str:
+    """A file's text; a binary file (NUL bytes, or not UTF-8) is refused: it has no perplexity."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--text={path} is not UTF-8 text (byte {error.start} is "
+                         f"{raw[error.start]:#04x}); give a plain-text file") from None
+    if "\0" in text:
+        raise UsageError(f"--text={path} holds NUL bytes (first at byte {raw.index(0)}): a binary "
+                         f"file, not text; give a plain-text file")
+    return text
+
+
 def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
     """(start, length) per window: inputs tokens[start:start+length], targets one later."""
     return [(s, min(block_size, n_tokens - 1 - s)) for s in range(0, n_tokens - 1, block_size)]
@@ -51,7 +66,7 @@ def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
 def main(cfg: PplConfig) -> dict:
     cfg.validate()
     device, dtype = resolve_device(cfg.device, cfg.dtype)
-    text = Path(cfg.text).read_text(encoding="utf-8", errors="replace")
+    text = read_text(cfg.text)
     tokens = torch.from_numpy(np.asarray(data.get_encoding().encode_ordinary(text), np.int64))
     if len(tokens) < 2:
         raise ValueError(f"{cfg.text} has {len(tokens)} tokens; perplexity needs at least 2")

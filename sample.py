@@ -8,6 +8,8 @@ live on the device). On CUDA the decode step replays from a CUDA graph where it 
 Nothing else: the KV cache is model.py's, quantization quant.py's, the cluster cache and
 its next-layer predictor offload.py's.
 """
+# cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
+from cli import check_rules, load_model, parse_config, resolve_device, run
 import sys
 import time
 from contextlib import nullcontext
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 import data
-from cli import check_rules, load_model, parse_config, resolve_device, run
 from generate import generate
 from offload import PREDICT_AT, ClusterOffloader
 from quant import quantize_model

@@ -8,12 +8,11 @@ The loop calls its hooks on a strategy object (strategy.py's OneProcess; under t
 parallel/'s DataParallel or ExpertParallel). What a run records and prints is train_log.py's;
 flags, devices and checkpoint files are cli.py's.
 """
-import os
-# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads
-# slowed each step 1.4x (docs/results.md, first run). Read once, before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
+from cli import (Progress, UsageError, check_out_dir, check_rules, clear_out_dir, load_model,
+                 parse_config, resolve_device, restore_rng, rng_state, run, save_atomic)
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -24,8 +23,6 @@ import torch
 from tqdm import tqdm
 
 import data
-from cli import (UsageError, check_out_dir, check_rules, clear_out_dir, load_model, parse_config,
-                 resolve_device, restore_rng, rng_state, run, save_atomic)
 from cluster import ClusterSettings, parse_similarity
 from model import GPT, GPTConfig
 from regroup import restore, snapshot
@@ -106,6 +103,7 @@ class TrainConfig(GPTConfig):
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
 
     def validate(self):
+        check_out_dir(self)  # first: --resume takes the checkpoint's config
         self.model_config().validate()
         rules = [
             (self.preset in ("", *PRESETS), f"preset must be '' or one of {sorted(PRESETS)}"),
@@ -122,7 +120,6 @@ class TrainConfig(GPTConfig):
             (min(self.kmeans_restarts, self.shock_iters, self.ckpt_interval, self.sample_tokens) >= 0,
              "kmeans_restarts, shock_iters, ckpt_interval and sample_tokens must be >= 0"),
             (self.final_ckpt in ("full", "weights"), "final_ckpt must be full|weights"),
-            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
             (self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
              "compile_mode must be default|reduce-overhead|max-autotune"),
             (self.regroup_rule in ("similarity", "loss"), "regroup_rule must be similarity|loss"),
@@ -138,7 +135,6 @@ class TrainConfig(GPTConfig):
         check_rules(rules, "train")
         data.check_dataset(self.dataset, self.val_split)
         parse_similarity(self.similarity)
-        check_out_dir(self.out_dir, self.resume, self.overwrite)
         return self
 
 
@@ -204,7 +200,7 @@ def load_data(cfg: TrainConfig, strategy: OneProcess):
             except (OSError, RuntimeError) as error:  # a download, a disk: the user's to fix
                 raise UsageError(f"preparing {cfg.dataset}: {error}") from None
         strategy.barrier()
-    return data.load_split(folder, "train"), data.load_split(folder, "val"), data.read_meta(folder)
+    return *(data.load_split(folder, s, cfg.block_size) for s in ("train", "val")), data.read_meta(folder)
 
 
 def train_step(runner, model, optimizer, batches, cfg: TrainConfig, autocast, strategy,
@@ -268,20 +264,22 @@ def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, shock
     return result, mean(before), mean(after)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one training job; returns the last eval record."""
+def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
+    """Run one training job; returns the last eval record. `progress` follows it, for Ctrl-C."""
     cfg.validate()
+    progress = progress or Progress()
+    progress.out_dir = cfg.out_dir
     strategy = make_strategy(cfg)
     device, dtype, master = strategy.device, strategy.dtype, strategy.master
     torch.manual_seed(cfg.seed + strategy.rank)
     out_dir = Path(cfg.out_dir)
     train_tokens, val_tokens, meta = load_data(cfg, strategy)  # a bad dataset stops us here
     if master:
-        clear_out_dir(out_dir, cfg.overwrite)
+        clear_out_dir(out_dir, fresh=not cfg.resume)
 
     # Model, optimizer and RNG streams (all ranks): fresh, or where the checkpoint left them.
     batch_gen = torch.Generator().manual_seed(cfg.seed + strategy.rank)
-    start_iter = 0
+    start_iter, ckpt = 0, None
     if cfg.resume:
         model, ckpt = load_model(out_dir / "ckpt.pt", device, resume=True)
         start_iter = ckpt["iter"]
@@ -291,9 +289,8 @@ def train(cfg: TrainConfig) -> dict:
     else:
         model = GPT(cfg.model_config()).to(device)
     if master:
-        print(startup_summary(cfg, model, meta, device, dtype, strategy.world))
-        if not cfg.resume:
-            write_config(out_dir, cfg, meta)
+        print(startup_summary(cfg, model, meta, device, dtype, strategy.world, ckpt))
+        write_config(out_dir, cfg, meta)
     strategy.prepare(model)
     optimizer = build_optimizer(model, cfg)
     if cfg.resume:
@@ -303,13 +300,14 @@ def train(cfg: TrainConfig) -> dict:
     compiled = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     runner = strategy.wrap(compiled)
     # A CUDA graph cannot hold autocast's cache of cast weights (tensors made in capture).
-    autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=not cfg.cuda_graph) \
-        if dtype == "bfloat16" else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16,
+                              cache_enabled=not cfg.cuda_graph) if dtype == "bfloat16" else nullcontext()
     interval, record = Interval.start(model.moe_layers(), device), {}
     step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
     for it in bar:
+        progress.it = it
         # Recluster event (all ranks): optimizer state follows the experts; the first
         # clustering creates parameters, so then the optimizer and the wrapper are rebuilt,
         # and the step is bound to them anew (a CUDA graph is captured again).
@@ -372,4 +370,5 @@ def train(cfg: TrainConfig) -> dict:
 
 
 if __name__ == "__main__":
-    run(lambda argv: train(parse_config(TrainConfig, argv, PRESETS).validate()), sys.argv[1:])
+    where = Progress()  # train() keeps it current: what a Ctrl-C reports
+    run(lambda argv: train(parse_config(TrainConfig, argv, PRESETS), where), sys.argv[1:], where.line)

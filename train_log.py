@@ -122,13 +122,24 @@ def trim_logs(out_dir: Path, done: int) -> None:
         if path.exists():
             lines = path.read_text().splitlines()
             kept = [line for line in lines if json.loads(line)["iter"] <= last]
-            if len(kept) < len(lines):
-                path.write_text("".join(line + "\n" for line in kept))
+            if len(kept) < len(lines):  # via a temp file: Ctrl-C here never truncates the log
+                path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+                path.with_suffix(".tmp").replace(path)
 
 
-def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1) -> str:
+def resume_line(ckpt: dict, cfg) -> str:
+    """What a resumed run continues, and which of its settings the flags changed."""
+    changed = [f"{name} {old} -> {getattr(cfg, name)}" for name, old in ckpt["config"].items()
+               if name not in ("resume", "overwrite") and old != getattr(cfg, name, old)]
+    return (f"resume: {cfg.out_dir}/ckpt.pt from iteration {ckpt['iter']}; "
+            + (f"changed: {', '.join(changed)}" if changed else "no setting changed"))
+
+
+def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1,
+                    resumed: dict | None = None) -> str:
     """What a run is about to do, in a few lines: model kind and size, data, token budget,
-    device, output folder and checkpoint size."""
+    device, output folder and checkpoint size; first, for a resumed run, its checkpoint and
+    which settings the flags changed."""
     counts = model.param_counts()
     kind = {"dense": "dense GPT", "topk": f"top-{cfg.top_k} MoE, E={cfg.n_experts}",
             "clustered": f"clustered MoE, E={cfg.n_experts} in G={cfg.n_clusters}, rank {cfg.rank}, "
@@ -152,13 +163,18 @@ def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1) 
         + (f", the last one {weights / 2**20:,.0f} MiB" if cfg.final_ckpt == "weights" else "")
         + (", smaller once clustered" if cfg.moe == "clustered" else "") + ")",
     ]
-    return "\n".join(lines)
+    return "\n".join(([resume_line(resumed, cfg)] if resumed else []) + lines)
 
 
 def write_config(out_dir: Path, cfg, meta: dict) -> None:
-    """config.json: what this run is, beside its logs (flags, data, split, token counts)."""
-    (Path(out_dir) / "config.json").write_text(json.dumps(
-        {"argv": sys.argv, "config": asdict(cfg), "data": meta.get("sources", cfg.dataset),
+    """config.json: what this run is, beside its logs (flags, data, split, token counts); a
+    resumed run rewrites it with its config and adds its command line to `resumed`."""
+    path = Path(out_dir) / "config.json"
+    first = json.loads(path.read_text()) if cfg.resume and path.exists() else {}
+    path.write_text(json.dumps(
+        {"argv": first.get("argv", sys.argv),
+         "resumed": first.get("resumed", []) + ([sys.argv] if cfg.resume else []),
+         "config": asdict(cfg), "data": meta.get("sources", cfg.dataset),
          "val_split": meta.get("val_split"), "tokens": meta.get("tokens")}, indent=1))
 
 
@@ -188,7 +204,7 @@ def log_recluster(out_dir: Path, model, it: int, result, before, after) -> None:
                             "val_loss_before": before, "val_loss_after": after,
                             "shock": None if before is None else after - before,
                             "membership": membership}) + "\n")
-    tqdm.write(recluster_line(it, result, before, after, cfg.n_clusters))
+    tqdm.write(recluster_line(it, result, before, after, cfg.n_experts, cfg.n_clusters))
 
 
 def diverged(out_dir: Path, it: int, loss: float, master: bool) -> FloatingPointError:
@@ -205,13 +221,13 @@ def _span(values, fmt: str = "{:.3f}") -> str:
     return fmt.format(low) if low == high else f"{fmt.format(low)} to {fmt.format(high)}"
 
 
-def recluster_line(it: int, result, before, after, n_clusters: int) -> str:
+def recluster_line(it: int, result, before, after, n_experts: int, n_clusters: int) -> str:
     """One printed line per recluster event, saying why each layer kept or changed its
     grouping in numbers a reader can check (reclusters.jsonl holds them per layer)."""
     layers, shock = len(result.gain), "" if before is None else f"; val loss {before:.3f} -> {after:.3f}"
     if result.created:
-        return (f"first clustering at iteration {it}: experts grouped into {n_clusters} clusters in "
-                f"{layers} layers (mean similarity {_span(result.gain, '{:+.3f}')} over a random "
+        return (f"first clustering at iteration {it}: {n_experts} experts grouped into {n_clusters} "
+                f"clusters in {layers} layers (mean similarity {_span(result.gain, '{:+.3f}')} over a random "
                 f"grouping; the grouping ranks {_span(result.rank, '{}')} of {max(result.of)}){shock}, "
                 f"{result.seconds:.1f} s")
     kept = [i for i, skipped in enumerate(result.skipped) if skipped]

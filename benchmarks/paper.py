@@ -26,8 +26,7 @@ import torch
 
 import data
 from benchmarks.layers import free_memory, peak_mib, train_speed
-from benchmarks.quality import ROOT, _glue_summary, _pool, beyond_noise, finished, routing_stats, \
-    run_grid, summarize
+from benchmarks.quality import ROOT, _pool, beyond_noise, routing_stats, run_grid, summarize
 from cli import load_model
 from train import PRESETS, TrainConfig
 from train_log import evaluate, peak_flops

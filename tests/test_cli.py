@@ -1,8 +1,15 @@
 """cli.py through every entry point, as a user meets it: bad input is one line on stderr, a
 non-zero exit, no traceback, and nothing written or removed; --debug keeps the traceback;
-an out_dir holding a run is protected; --help describes every flag."""
+an out_dir holding a run is protected; --resume continues the checkpoint's run and refuses
+a flag that contradicts it; Ctrl-C is one line, exit 130, and the run resumes as if unbroken;
+every entry point sets the CPU thread policy before torch loads; --help describes every flag."""
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +28,21 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--ffn_hidden=32", "--n_expe
 def _run(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
+
+
+def _run_all(*commands, env=None):
+    """Several commands at once (each as _run) -> their results, in order."""
+    running = [subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, text=True, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in commands]
+    outputs = [p.communicate(timeout=300) for p in running]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *output)
+            for p, output in zip(running, outputs)]
+
+
+def _messages(stderr: str) -> list[str]:
+    """stderr's lines but the progress bars' (tqdm's \r updates, read as lines)."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not re.match(r"\s*\d+%\|", line)]
 
 
 def _snapshot(*folders) -> dict:
@@ -140,3 +162,151 @@ def test_checkpoints_from_before_the_renames_load():
     assert new["burn_in"] == 200 and new["warmup_iters"] == 50 and new["moe_impl"] == "triton"
     assert "lr_warmup" not in new and TrainConfig(**new).burn_in == 200
     assert upgrade_config(new) == new                      # today's names pass through
+
+
+def test_a_flag_written_with_a_space_names_the_equals_form():
+    before = _snapshot(ROOT / "out")
+    _one_line_error(_run("train.py", "--lr", "0.1"), "write --lr=0.1, not --lr 0.1")
+    _one_line_error(_run("train.py", "--compile", "true"), "write --compile=true")
+    _one_line_error(_run("eval_ppl.py", "--text"), "--text needs a value", "--text=VALUE")
+    assert _snapshot(ROOT / "out") == before
+
+
+def test_binary_text_is_one_line(run_dir, tmp_path):
+    ckpt = run_dir / "run" / "ckpt.pt"
+    for name, raw, phrase in (("nul.txt", b"text\x00\x01\x02 more", "NUL bytes"),
+                              ("latin.txt", "caf\xe9".encode("latin-1"), "not UTF-8 text")):
+        (tmp_path / name).write_bytes(raw)
+        before = _snapshot(tmp_path, run_dir / "run")
+        _one_line_error(_run("eval_ppl.py", f"--ckpt={ckpt}", f"--text={tmp_path / name}",
+                             "--device=cpu"), phrase, name)
+        assert _snapshot(tmp_path, run_dir / "run") == before
+
+
+def test_a_split_too_short_for_block_size_is_refused_before_any_work(tmp_path):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "a.txt").write_text("one line of text\n" * 40 + "the end\n")
+    out = tmp_path / "out"
+    result = _run("train.py", *TINY, f"--dataset={tmp_path / 'tiny'}", f"--out_dir={out}",
+                  f"--data_dir={tmp_path / 'data'}")
+    _one_line_error(result, "the val split", "fewer than block_size + 2 = 34", "--block_size")
+    assert not out.exists()                     # no run files; only the prepared tokens
+
+
+def test_resume_takes_the_checkpoints_config_and_refuses_a_contradiction(run_dir, tmp_path):
+    out, data = tmp_path / "out", f"--data_dir={run_dir / 'data'}"
+    assert _run("train.py", *TINY, "--n_layer=2", "--burn_in=1", f"--out_dir={out}", data).returncode == 0
+    ckpt, before = (out / "ckpt.pt").read_bytes(), _snapshot(out)
+    cases = ((["--n_layer=6", "--moe=dense"], ["--moe=dense", "moe=clustered"]),
+             (["--n_layer=4"], ["--n_layer=4", "n_layer=2"]),            # the default, given
+             (["--preset=small"], ["--preset=small", "preset=''"]),
+             (["--batch_size=4"], ["--batch_size=4", "batch_size=2"]),
+             (["--max_iters=2"], ["at iteration 2", "larger --max_iters"]))
+    for (_, phrases), result in zip(cases, _run_all(*(["train.py", "--resume", f"--out_dir={out}",
+                                                       *flags] for flags, _ in cases))):
+        _one_line_error(result, *phrases)
+    assert (out / "ckpt.pt").read_bytes() == ckpt and _snapshot(out) == before
+    # No flag repeated: the checkpoint's 2 clustered layers, its data and device; max_iters changes.
+    resumed = _run("train.py", "--resume", f"--out_dir={out}", "--max_iters=4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "changed: max_iters 2 -> 4" in resumed.stdout and "2 layers" in resumed.stdout
+    saved = torch.load(out / "ckpt.pt", weights_only=True)
+    assert saved["iter"] == 4 and saved["config"]["n_layer"] == 2 and saved["config"]["burn_in"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["max_iters"] == 4 and config["resumed"][0][1:] == [
+        "--resume", f"--out_dir={out}", "--max_iters=4"]
+    scored = _run("eval_ppl.py", f"--ckpt={out / 'ckpt.pt'}", f"--text={ROOT / 'README.md'}",
+                  "--device=cpu")
+    assert scored.returncode == 0 and "ppl" in scored.stdout, scored.stderr[-2000:]
+
+
+def _interrupted(args, out: Path, after: str):
+    """train.py sent SIGINT (Ctrl-C) once `after` appears in out -> the finished process."""
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (out / after).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_the_resumed_run_equals_an_unbroken_one(run_dir, tmp_path):
+    out, data = tmp_path / "cut", f"--data_dir={run_dir / 'data'}"
+    schedule = [*TINY, "--eval_interval=2", "--burn_in=3", "--recluster_interval=3",
+                "--lr_decay_iters=12", "--warmup_iters=2", data]
+    cut = _interrupted([*schedule, "--max_iters=1000", f"--out_dir={out}"], out, "ckpt.pt")
+    lines = _messages(cut.stderr)
+    assert cut.returncode == 130 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
+    assert len(lines) == 1, lines
+    found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is "
+                         r"kept; resume with: python train.py --resume --out_dir=(\S+)", lines[0])
+    assert found and found[3] == str(out), lines
+    at, kept = int(found[1]), int(found[2])
+    assert kept <= at and torch.load(out / "ckpt.pt", weights_only=True)["iter"] == kept
+    assert not (out / "ckpt.tmp").exists()
+    end = kept + 6                                  # past a recluster, beyond where it stopped
+    resumed = _run("train.py", "--resume", f"--out_dir={out}", f"--max_iters={end}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    train.train(parse_config(TrainConfig, [*schedule, f"--max_iters={end}",
+                                           f"--out_dir={tmp_path / 'whole'}"]))
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("cut", "whole"))
+    assert a["iter"] == b["iter"] == end and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    logs = [[(r["iter"], r["val_loss"]) for r in map(json.loads, (tmp_path / name / "log.jsonl")
+                                                     .read_text().splitlines())]
+            for name in ("cut", "whole")]
+    assert logs[0] == logs[1]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_blocks_nothing(run_dir, tmp_path):
+    out, data = tmp_path / "early", f"--data_dir={run_dir / 'data'}"
+    flags = [*TINY, f"--out_dir={out}", data]
+    cut = _interrupted([*flags, "--max_iters=100000", "--eval_interval=100000"], out, "config.json")
+    assert cut.returncode == 130 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
+    lines = _messages(cut.stderr)
+    assert len(lines) == 1 and re.fullmatch(
+        r"interrupted (at iteration \d+|before the first iteration); no checkpoint yet in "
+        + re.escape(str(out)) + ", nothing to resume: run the same command again to start afresh",
+        lines[0]), lines
+    before = _snapshot(out)
+    _one_line_error(_run("train.py", "--resume", f"--out_dir={out}"), "no checkpoint at",
+                    "without --resume")
+    assert _snapshot(out) == before
+    again = _run("train.py", *flags)
+    assert again.returncode == 0 and "stopped before its first checkpoint" in again.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 2
+
+
+def test_every_entry_point_sets_the_thread_policy_before_torch_loads():
+    """Each entry point, run as a script, with OMP_WAIT_POLICY unset: what it holds when
+    torch is first imported (OpenMP reads it then, once)."""
+    probe = ("import os, runpy, sys\n"
+             "class Probe:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch' and 'seen' not in os.environ:\n"
+             "            os.environ['seen'] = os.environ.get('OMP_WAIT_POLICY', 'unset')\n"
+             "            print('policy when torch loads:', os.environ['seen'], file=sys.stderr)\n"
+             "sys.meta_path.insert(0, Probe())\n"
+             "sys.argv = [sys.argv[1], '--help']\n"
+             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    entries = ("train.py", "sample.py", "eval_ppl.py", "eval_glue.py", "bench.py")
+    unset = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for entry, result in zip(entries, _run_all(*(["-c", probe, entry] for entry in entries),
+                                               env=unset)):
+        assert result.returncode == 0 and "usage:" in result.stdout, (entry, result.stderr[-2000:])
+        assert "policy when torch loads: PASSIVE" in result.stderr, (entry, result.stderr[-2000:])
+
+
+def test_bfloat16_on_a_cpu_runs_bfloat16(run_dir, tmp_path):
+    """--dtype=bfloat16 on a CPU is bf16 autocast for real: the summary says so, and the
+    losses differ from the float32 run of the same flags (run_dir)."""
+    out = tmp_path / "bf16"
+    result = _run("train.py", *TINY, "--dtype=bfloat16", f"--out_dir={out}",
+                  f"--data_dir={run_dir / 'data'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on cpu (bfloat16)" in result.stdout and "Disabling" not in result.stderr
+    loss = lambda folder: json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["val_loss"]
+    assert loss(out) != loss(run_dir / "run")

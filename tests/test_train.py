@@ -1,5 +1,6 @@
 """train.py end to end on CPU: loss falls, resume is exact across a recluster, clear errors."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +22,13 @@ def _cfg(tmp_path, *extra):
                                              f"--data_dir={tmp_path / 'data'}", *extra])
 
 
-def test_clustered_training_loss_falls(tmp_path):
+def test_clustered_training_loss_falls(tmp_path, capsys):
     cfg = _cfg(tmp_path, "--max_iters=40", "--eval_interval=10", "--burn_in=10",
                "--recluster_interval=10")
     train.train(cfg)
+    printed = capsys.readouterr().out     # the first event groups the experts, later ones move them
+    assert "first clustering at iteration 10: 4 experts grouped into 2 clusters in 2 layers " in printed
+    assert re.search(r"recluster at iteration 20: \d+ experts moved; ", printed)
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log] == [10, 20, 30, 40]
     assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5
