@@ -103,7 +103,8 @@ class TrainConfig(GPTConfig):
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
 
     def validate(self):
-        check_out_dir(self)  # first: --resume takes the checkpoint's config
+        if self.resume:  # first: --resume takes the checkpoint's config, which is then checked
+            check_out_dir(self)
         self.model_config().validate()
         rules = [
             (self.preset in ("", *PRESETS), f"preset must be '' or one of {sorted(PRESETS)}"),
@@ -135,6 +136,8 @@ class TrainConfig(GPTConfig):
         check_rules(rules, "train")
         data.check_dataset(self.dataset, self.val_split)
         parse_similarity(self.similarity)
+        if not self.resume:  # a bad flag is named before the out_dir is looked at
+            check_out_dir(self)
         return self
 
 

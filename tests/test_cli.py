@@ -310,3 +310,14 @@ def test_bfloat16_on_a_cpu_runs_bfloat16(run_dir, tmp_path):
     assert "on cpu (bfloat16)" in result.stdout and "Disabling" not in result.stderr
     loss = lambda folder: json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["val_loss"]
     assert loss(out) != loss(run_dir / "run")
+
+
+def test_a_bad_flag_is_named_even_where_out_holds_the_quick_run(tmp_path):
+    """README's first command leaves out/ holding a run; a later typo must still be named."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"a run")
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--n_embd=30", "--n_head=4",
+                           f"--out_dir={out}"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "divisible by n_head" in done.stderr, done.stderr
+    assert (out / "ckpt.pt").read_bytes() == b"a run"
