@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call of the paper section (results/paper/README.md): unpacks the prepared
+# enwiki-00+01 tokens carried in .carry/enwiki to /tmp, runs bench.py --sections=paper with a
+# time limit, and leaves in $OUT the kept runs (kept.tgz: extract it into the repository before
+# the next call, which reads them to skip what is done), the printed table and the GPU's name.
+# Set up: mkdir -p .carry/enwiki .carry/glue && cp ../shared/data/enwiki-00+01-tokens/* .carry/enwiki/
+#         && cp -r ../shared/data/glue/{CoLA,SST-2,STS-B} .carry/glue/   (carry: [".carry"])
+# usage: bash results/paper/gpu_call.sh <timeout_s> <runs at once on 80 GB> <on 141 GB> [bench flags...]
+set -u
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
+python -c "import torch; print(torch.__version__)" | tee -a $OUT/gpu.txt
+if [ ! -f /tmp/enwiki/val.bin ]; then
+  mkdir -p /tmp/enwiki; cp .carry/enwiki/meta.json /tmp/enwiki/
+  xz -dc .carry/enwiki/train.bin.xz > /tmp/enwiki/train.bin & xz -dc .carry/enwiki/val.bin.xz > /tmp/enwiki/val.bin; wait
+fi
+T=$1; P=$2; MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+[ "$MEM" -gt 100000 ] && P=$3
+shift 3
+echo "parallel=$P" | tee -a $OUT/gpu.txt
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+timeout $T python bench.py --sections=paper --dataset=/tmp/enwiki --data_dir=/tmp/data --out_dir=/tmp/pb \
+  --glue_dir=.carry/glue --parallel=$P --max_runs=$P "$@" > $OUT/bench.txt 2>&1
+echo "rc=$?" >> $OUT/bench.txt
+tar czf $OUT/kept.tgz results/paper/runs
+for f in /tmp/pb/paper/*/*/train.out; do echo "== $f"; grep -v "it/s\]$" $f | tail -c 2500; done > $OUT/train_tails.txt 2>&1
+nvidia-smi >> $OUT/gpu.txt
