@@ -211,9 +211,13 @@ def balanced_kmeans(similarity: torch.Tensor, n_clusters: int, init: torch.Tenso
     grouping stays unless beaten). Returns (E,) long cluster ids; a fixed point of the update,
     so a second call from its own output returns it unchanged (with restarts=0).
     """
-    results = kmeans_candidates(similarity, n_clusters, init, seed, max_iter, restarts)
-    scores = [within_similarity(similarity, r) for r in results]
-    return next(r for r, score in zip(results, scores) if score >= max(scores) - 1e-9)
+    return best_of(similarity, kmeans_candidates(similarity, n_clusters, init, seed, max_iter, restarts))
+
+
+def best_of(similarity: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+    """The candidate with the highest mean within-cluster similarity, the earliest on ties."""
+    scores = [within_similarity(similarity, c) for c in candidates]
+    return next(c for c, score in zip(candidates, scores) if score >= max(scores) - 1e-9)
 
 
 def canonical(assignment: torch.Tensor) -> tuple:
@@ -287,8 +291,7 @@ def propose(w1, w2, input_mean, router_weight, probe, groups, n_clusters: int,
     sim = expert_similarity(w1, w2, input_mean, router_weight, probe, groups, settings.alpha,
                             settings.similarity).cpu()
     candidates = kmeans_candidates(sim, n_clusters, groups, seed, restarts=settings.restarts)
-    scores = [within_similarity(sim, c) for c in candidates]
-    assignment = next(c for c, score in zip(candidates, scores) if score >= max(scores) - 1e-9)
+    assignment = best_of(sim, candidates)
     if settings.random_groups and first:
         assignment = torch.randperm(n_experts, generator=torch.Generator().manual_seed(seed)) % n_clusters
     off_diagonal = ~torch.eye(n_experts, dtype=torch.bool)

@@ -188,8 +188,9 @@ def measure(cfg, tc: TrainConfig, device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result["val_loss"] = evaluate(model, val, tc, str(device), autocast)
     result["infer_peak_mib"] = infer_peak(model.to(dtype))
-    if tc.moe == "clustered":
-        model = model.float()
+    if tc.moe == "clustered":  # INT4 from the float weights, not from the bf16 copy just timed
+        del model
+        model, _ = load_model(path, device)
         quantize_model(model, base_dtype=dtype)
         result["val_loss_int4"] = evaluate(model, val, tc, str(device), autocast)
         result["infer_peak_mib_int4"] = infer_peak(model)
