@@ -151,10 +151,12 @@ def done_in(keep: Path, tc: TrainConfig) -> bool:
     folder = _kept(keep, tc)
     if (folder / "config.json").exists():
         kept = json.loads((folder / "config.json").read_text())["config"]
-        differ = sorted(k for k, v in asdict(tc).items() if k not in PLACE and kept.get(k) != v)
+        # A field the kept config lacks came later, and its default keeps the old behaviour.
+        defaults = asdict(TrainConfig())
+        differ = sorted(k for k, v in asdict(tc).items() if k not in PLACE and kept.get(k, defaults[k]) != v)
         if differ:
             raise ValueError(f"{folder} was trained with other settings than this plan ("
-                             + ", ".join(f"{k}: kept {kept.get(k)!r}, plan {getattr(tc, k)!r}" for k in differ[:3])
+                             + ", ".join(f"{k}: kept {kept.get(k, defaults[k])!r}, plan {getattr(tc, k)!r}" for k in differ[:3])
                              + "); move it away to train it again")
     if (folder / "diverged.json").exists():
         return True

@@ -106,6 +106,20 @@ def test_a_kept_run_of_other_settings_is_refused_not_reused(tmp_path):
         bench.main(cfg)
 
 
+def test_a_kept_run_from_before_a_new_config_field_counts_as_its_default(tmp_path):
+    cfg = bench.BenchConfig(smoke=True, sections="paper", out_dir=str(tmp_path / "b"), models="dense",
+                            max_runs=1, data_dir=str(tmp_path / "data"), keep=str(tmp_path / "keep"))
+    bench.main(cfg)
+    kept = paper.keep_dir(cfg) / "sweep" / "dense_lr0.0003"
+    record = json.loads((kept / "config.json").read_text())
+    del record["config"]["regroup_rule"]  # a field added after the run was made
+    (kept / "config.json").write_text(json.dumps(record))
+    before = (kept / "log.jsonl").read_text()
+    bench.main(cfg)  # trains the next run, and neither refuses nor retrains the kept one
+    assert (kept / "log.jsonl").read_text() == before
+    assert _kept(paper.keep_dir(cfg)) == {"sweep/dense_lr0.0003", "sweep/dense_lr0.001"}
+
+
 def test_tokens_per_step_must_fill_whole_micro_batches(tmp_path):
     cfg = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"),
                             tokens_per_step=10000, device="cpu")

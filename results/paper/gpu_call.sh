@@ -13,6 +13,8 @@ if [ ! -f /tmp/enwiki/val.bin ]; then
   mkdir -p /tmp/enwiki; cp .carry/enwiki/meta.json /tmp/enwiki/
   xz -dc .carry/enwiki/train.bin.xz > /tmp/enwiki/train.bin & xz -dc .carry/enwiki/val.bin.xz > /tmp/enwiki/val.bin; wait
 fi
+# a warm machine keeps /tmp: runs kept by an earlier call whose kept.tgz was not yet extracted
+[ -d /tmp/kept ] && cp -rn /tmp/kept/. results/paper/runs/
 T=$1; P=$2; MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 [ "$MEM" -gt 100000 ] && P=$3
 shift 3
@@ -22,5 +24,6 @@ timeout $T python bench.py --sections=paper --dataset=/tmp/enwiki --data_dir=/tm
   --glue_dir=.carry/glue --parallel=$P --max_runs=$P "$@" > $OUT/bench.txt 2>&1
 echo "rc=$?" >> $OUT/bench.txt
 tar czf $OUT/kept.tgz results/paper/runs
+rm -rf /tmp/kept && cp -r results/paper/runs /tmp/kept
 for f in /tmp/pb/paper/*/*/train.out; do echo "== $f"; grep -v "it/s\]$" $f | tail -c 2500; done > $OUT/train_tails.txt 2>&1
 nvidia-smi >> $OUT/gpu.txt
