@@ -50,10 +50,9 @@ class BenchConfig:
     compile_layers: bool = True    # layers: also time torch.compile'd layers (CUDA)
     batch_size: int = 16           # sequences per step (models, inference, trainings)
     model_blocks: str = ""         # models: block sizes, comma-separated ('' = the preset's)
-    model_modes: str = "eager,compiled,graphed,reduce-overhead"  # models: how each train step
-                                   # runs (eager | compiled | graphed: eager kernels replayed from
-                                   # one CUDA graph, dense and top-k | reduce-overhead: torch's
-                                   # CUDA graphs of a compiled model); CPU: eager
+    model_modes: str = "eager,compiled,graphed,compiled+graphed"  # models: how each train step
+                                   # runs (eager | compiled | graphed: replayed from one CUDA
+                                   # graph, train.py's --cuda_graph | compiled+graphed); CPU: eager
     inference_sizes: str = "small,paper"  # inference: the presets it measures
     offload_clusters: int = 4      # inference: the offload budget, in cluster entries
     decode_ckpt: str = ""          # decode: a train.py checkpoint, for prediction accuracy on text
@@ -72,7 +71,7 @@ class BenchConfig:
     ckpt_interval: int = 0         # baseline: train.py's (0: a checkpoint at every eval; large
                                    # models may need fewer: each holds weights and AdamW moments)
     paper_size: str = "paper"      # paper: the size of its table (train.PRESETS)
-    tokens_per_step: int = 32768   # paper: tokens per optimizer step (grad_accum makes it up)
+    tokens_per_step: int = 32768   # paper, models: tokens per optimizer step (grad_accum makes it up)
     keep: str = "results/paper/runs"  # paper: where finished runs' small files are kept (and
                                    # looked up, so a later call trains only what is missing)
     max_runs: int = 0              # paper: start at most this many runs in this call (0 = all)

@@ -85,8 +85,8 @@ class TrainConfig(GPTConfig):
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     dtype: str = "auto"            # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False          # torch.compile the model
-    compile_mode: str = "default"  # default | reduce-overhead (torch's CUDA graphs) | max-autotune
-    cuda_graph: bool = False       # the whole step replayed from one CUDA graph (dense, top-k)
+    compile_mode: str = "default"  # default | max-autotune (for CUDA graphs: --cuda_graph)
+    cuda_graph: bool = False       # the whole step replayed from one CUDA graph (CUDA; with --compile too)
     expert_parallel: int = 1       # ranks that split each MoE layer's experts (torchrun; 1 = off)
     # logging:
     out_dir: str = "out"           # log.jsonl, reclusters.jsonl, config.json and ckpt.pt go here
@@ -121,8 +121,9 @@ class TrainConfig(GPTConfig):
             (min(self.kmeans_restarts, self.shock_iters, self.ckpt_interval, self.sample_tokens) >= 0,
              "kmeans_restarts, shock_iters, ckpt_interval and sample_tokens must be >= 0"),
             (self.final_ckpt in ("full", "weights"), "final_ckpt must be full|weights"),
-            (self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
-             "compile_mode must be default|reduce-overhead|max-autotune"),
+            (self.compile_mode in ("default", "max-autotune"),
+             "compile_mode must be default|max-autotune (reduce-overhead's graphs overwrite outputs "
+             "a train step still reads; --compile --cuda_graph graphs the whole step)"),
             (self.regroup_rule in ("similarity", "loss"), "regroup_rule must be similarity|loss"),
             (self.regroup_rule != "loss" or (self.shock_iters > 0 and "RANK" not in os.environ),
              "regroup_rule=loss needs shock_iters > 0 and one process (not torchrun)"),

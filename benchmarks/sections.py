@@ -54,17 +54,18 @@ MODEL_VARIANTS = (("dense", {"moe": "dense"}), ("topk", {"moe": "topk"}),
                   ("clustered, triton", {"moe": "clustered", "moe_impl": "triton"}))
 
 
-# How a models-section step runs. "graphed" replays eager kernels (train.py's --cuda_graph,
-# which it allows for dense and top-k only: the clustered graphed step is not verified).
+# How a models-section step runs: eager kernels, compiled ones, and either replayed from one
+# CUDA graph (train.py's --cuda_graph).
 MODES = {"eager": {}, "compiled": {"compile": True}, "graphed": {"cuda_graph": True},
-         "reduce-overhead": {"compile": True, "compile_mode": "reduce-overhead"}}
+         "compiled+graphed": {"compile": True, "cuda_graph": True}}
 
 
 def bench_models(cfg, device) -> list[dict]:
     """Whole models, each alone on the device (train.py's default size, or --preset's), at
-    each of `model_blocks` and in each of `model_modes`: parameters, train tokens/s, the
-    ratio to top-k in the same mode and block, MFU, peak memory in training, the first
-    clustering's seconds, and eager inference (prefill) tokens/s."""
+    each of `model_blocks` and in each of `model_modes`, a step of `tokens_per_step` tokens
+    (micro-batches of batch_size x the preset's block tokens, grad_accum making up the rest):
+    parameters, train tokens/s, the ratio to top-k in the same mode and block, MFU, peak
+    memory in training, the first clustering's seconds, and eager inference (prefill) tokens/s."""
     rows = []
     peak = peak_flops(device)
     blocks = [int(b) for b in cfg.model_blocks.split(",")] if cfg.model_blocks else [0]
@@ -79,13 +80,15 @@ def bench_models(cfg, device) -> list[dict]:
                 continue  # the Triton combine is CUDA-only; CPU would time the reference twice
             tc = model_config(cfg, overrides["moe"])
             tc.moe_impl = overrides.get("moe_impl", tc.moe_impl)
+            micro = tc.batch_size * tc.block_size
             tc.block_size = block or tc.block_size
+            tc.batch_size = max(1, micro // tc.block_size)
+            tc.grad_accum = 1 if cfg.smoke else max(1, cfg.tokens_per_step // (tc.batch_size * tc.block_size))
             for mode in modes:
-                if mode == "graphed" and tc.moe == "clustered":
-                    continue
                 timed_tc = dataclasses.replace(tc, **MODES[mode])
                 row = {"model": name, "mode": mode, "block_size": tc.block_size,
-                       "batch_size": tc.batch_size,
+                       "batch_size": tc.batch_size, "grad_accum": tc.grad_accum,
+                       "tokens_per_step": tc.batch_size * tc.block_size * tc.grad_accum,
                        **train_speed(timed_tc, device, cfg.repeats, cfg.warmup, peak)}
                 block_rows.append(row)
             model = build_model(tc, device).eval()
@@ -256,8 +259,8 @@ SECTIONS = {
                 None, None),
     "models": (lambda cfg, device, out: bench_models(cfg, device),
                lambda cfg, env: f"Whole models ({cfg.preset or 'default'} size, each alone, train = "
-                                f"fwd+bwd+AdamW, batch {cfg.batch_size}; {env['device']}):",
-               ["model", "mode", "block_size", "total_params", "active_params", "train_tokens_per_sec",
+                                f"fwd+bwd+AdamW, {cfg.tokens_per_step} tokens a step; {env['device']}):",
+               ["model", "mode", "block_size", "batch_size", "grad_accum", "total_params", "active_params", "train_tokens_per_sec",
                 "speed_vs_topk", "mfu", "train_peak_mib", "first_recluster_s", "infer_tokens_per_sec",
                 "infer_vs_topk"]),
     "inference": (lambda cfg, device, out: bench_inference(cfg, device),

@@ -12,9 +12,8 @@ aux losses stay tensors), a capturable AdamW whose lr is a device tensor
 (train.build_optimizer), autocast without its weight-cast cache, and gradients that stay
 allocated between replays (never set to None). A recluster replaces parameters or optimizer
 state, so train.py makes a new step (or `reset()` one): the next steps warm up and capture again.
-Verified (tests/test_train_graph.py, CUDA) for dense and top-k models, eager kernels: the
-graphed run trains as the eager one. Not yet for the clustered model or a compiled one, so
-`config_rules` refuses those (docs/results.md has what was seen).
+Verified (tests/test_train_graph.py, CUDA) for dense, top-k and clustered models across
+reclusters, eager or compiled kernels: the graphed run trains as the run without the graph.
 Does not own: the step itself (train.train_step) or when to recluster (train.py).
 """
 import os
@@ -29,10 +28,6 @@ def config_rules(cfg) -> list[tuple[bool, str]]:
         ("RANK" not in os.environ, "--cuda_graph runs in one process (not under torchrun)"),
         (cfg.moe_impl != "loop", "--cuda_graph needs device-side grouped matmuls (moe_impl=loop "
          "reads group sizes on the host)"),
-        (cfg.moe != "clustered", "--cuda_graph is not verified for the clustered model (its "
-         "graphed training does not match the eager one: docs/results.md); dense and topk only"),
-        (not cfg.compile, "--cuda_graph with --compile does not capture yet (docs/results.md); "
-         "use one or the other"),
     ]
 
 
@@ -59,6 +54,8 @@ class GraphedTrainStep:
         if self.graph is None and self.eager_left > 0:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
+            # The step accumulates into .grad: a replaced graph's last gradients must not join in.
+            self._clear_grads()
             with torch.cuda.stream(side):
                 self.step_fn(batches)
                 self._clear_grads()

@@ -167,6 +167,7 @@ def test_checkpoints_from_before_the_renames_load():
 def test_a_flag_written_with_a_space_names_the_equals_form():
     before = _snapshot(ROOT / "out")
     _one_line_error(_run("train.py", "--lr", "0.1"), "write --lr=0.1, not --lr 0.1")
+    _one_line_error(_run("train.py", "--compile_mode=reduce-overhead"), "--compile --cuda_graph")
     _one_line_error(_run("train.py", "--compile", "true"), "write --compile=true")
     _one_line_error(_run("eval_ppl.py", "--text"), "--text needs a value", "--text=VALUE")
     assert _snapshot(ROOT / "out") == before

@@ -1,6 +1,6 @@
 """fast/train_graph.py: on CUDA the graphed train step trains as the eager one (losses and
-parameters) for dense and top-k models, and captures once per stretch between resets; what is
-not verified (the clustered model, a compiled one) is refused."""
+parameters) for dense, top-k and clustered models (across a first clustering and two
+reclusters), eager or compiled kernels, and captures once per stretch between resets."""
 import json
 
 import pytest
@@ -27,28 +27,39 @@ def _run(tmp_path, name, *extra):
 
 
 @cuda
-@pytest.mark.parametrize("moe", ["dense", "topk"])
-def test_graphed_step_trains_as_the_eager_one(tmp_path, moe):
-    extra = [f"--moe={moe}"]
+@pytest.mark.parametrize("moe,compile", [("dense", False), ("topk", False), ("clustered", False),
+                                         ("topk", True), ("clustered", True)])
+def test_graphed_step_trains_as_the_eager_one(tmp_path, moe, compile):
+    # clustered: burn_in 4 and recluster_interval 4 in 14 steps are a first clustering (new
+    # parameters, a new optimizer) and two reclusters, each followed by a fresh capture.
+    extra = [f"--moe={moe}"] + (["--compile"] if compile else [])
     eager_log, eager = _run(tmp_path, "eager", *extra)
     graph_log, graphed = _run(tmp_path, "graph", *extra, "--cuda_graph")
+    assert len(eager_log) == len(graph_log) == 2
+    if moe == "clustered":
+        assert len((tmp_path / "graph" / "reclusters.jsonl").read_text().splitlines()) == 3
+    # Eager kernels replay bit for bit. Compiled ones need not: the capture compiles again with
+    # autocast's cast cache off, inductor may fuse those bf16 kernels otherwise, and a token
+    # near a routing tie then picks another expert. So compiled runs are held to their losses,
+    # at 1e-4: the graph bug this guards against (a stale gradient after a recluster) moved
+    # them 3.5e-4.
     for a, b in zip(eager_log, graph_log):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4 if compile else 1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4 if compile else 1e-5)
     assert eager.keys() == graphed.keys()
-    for key in eager:
+    for key in ([] if compile else eager):
         torch.testing.assert_close(graphed[key], eager[key], rtol=1e-4, atol=1e-6, msg=key)
     if moe != "dense":  # the balancing biases moved inside the graph too
         assert graphed["blocks.0.ffn.expert_bias"].any()
 
 
-def test_what_is_not_verified_is_refused():
+def test_what_a_graph_cannot_hold_is_refused():
     from fast.train_graph import config_rules
     failing = lambda *flags: [m for ok, m in config_rules(parse_config(TrainConfig, list(flags)))  # noqa: E731
                               if not ok]
-    assert any("clustered model" in m for m in failing("--moe=clustered", "--cuda_graph"))
-    assert any("--compile" in m for m in failing("--moe=topk", "--compile", "--cuda_graph"))
-    assert not any("clustered" in m or "--compile" in m for m in failing("--moe=topk", "--cuda_graph"))
+    assert any("group sizes on the host" in m for m in failing("--moe=topk", "--moe_impl=loop", "--cuda_graph"))
+    if not torch.cuda.is_available():
+        assert any("needs CUDA" in m for m in failing("--moe=clustered", "--cuda_graph"))
 
 
 @cuda
