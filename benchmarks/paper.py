@@ -141,8 +141,10 @@ def best_lr(keep: Path, model: str, lrs) -> float | None:
     return best if best is not None and (min(grid) < best < max(grid) or not widened) else None
 
 
-# Fields that may differ between a kept run and the plan: where and how fast it ran.
-PLACE = {"out_dir", "device", "compile", "compile_mode", "dataset", "data_dir", "resume", "overwrite"}
+# Fields that may differ between a kept run and the plan: where and how fast it ran, and how
+# often it saved a checkpoint (a call that may be cut short saves more often).
+PLACE = {"out_dir", "device", "compile", "compile_mode", "cuda_graph", "dataset", "data_dir", "resume",
+         "overwrite", "ckpt_interval"}
 
 
 def done_in(keep: Path, tc: TrainConfig) -> bool:
