@@ -51,8 +51,10 @@ def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> tor
     offs: (G,) int32 cumulative row ends, offs[-1] == N. The portable reference.
     """
     ends = offs.tolist()  # one host sync per call: acceptable in the fallback only
-    starts = [0] + ends[:-1]
-    return torch.cat([x[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
+    sizes = [end - start for start, end in zip([0] + ends[:-1], ends)]
+    # split and unbind, not x[s:e] and w[g]: their backward writes each group's gradient into
+    # one shared tensor, where indexing's writes every group's into a zero-filled full-size one.
+    return torch.cat([xg @ wg for xg, wg in zip(x.split(sizes), w.unbind(0))])
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,21 @@ def test_grouped_mm_loop_matches_per_group_matmul():
         torch.testing.assert_close(fused, y)
 
 
+def test_grouped_mm_loop_backward_fills_no_full_size_tensor_per_group():
+    # Indexing x[s:e] and w[g] would zero-fill a full-size gradient for every group (E^2 work
+    # in the expert count); split and unbind write each group's into one shared tensor.
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(64, 8, requires_grad=True)
+    w = torch.randn(16, 8, 4, requires_grad=True)
+    offs = torch.arange(4, 65, 4, dtype=torch.int32)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        grouped_mm_loop(x, w, offs).square().sum().backward()
+    full = [e for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros")
+            and e.input_shapes and e.input_shapes[0] in (list(x.shape), list(w.shape))]
+    assert len(full) <= 2, [(e.name, e.input_shapes[0]) for e in full]
+    torch.testing.assert_close(w.grad[5], 2 * x[20:24].T @ (x[20:24] @ w[5]))
+
+
 def test_grouped_mm_pads_unaligned_widths_exactly():
     """Widths the kernel cannot take (12 and 4 bf16 values) are zero-padded, not looped over:
     the loop reads group sizes on the host, which a CUDA graph cannot capture."""
