@@ -58,46 +58,50 @@ def build_model(tc, device, dtype=None, timings: dict | None = None) -> GPT:
     return model.to(dtype) if dtype else model
 
 
-def train_speed(tc, device, repeats: int = 20, warmup: int = 5, peak: float | None = None) -> dict:
-    """One model of a TrainConfig alone on the device: median train step (train.train_step:
-    forward, backward, clipping, fused AdamW, the balancing biases; bf16 autocast on CUDA;
-    torch.compile if tc.compile, in tc.compile_mode; replayed from a CUDA graph if
-    tc.cuda_graph) on random tokens -> train tokens/s, peak MiB, MFU (model FLOPs over `peak`
-    FLOP/s, None without one), parameters, and for clustered models the first clustering's
-    seconds."""
+def train_step_fn(tc, device, timings: dict | None = None):
+    """A model of a TrainConfig on the device and its whole train step on random tokens, as
+    train.py runs it (train.train_step: forward and backward of every micro-batch, clipping,
+    fused AdamW, the balancing step; bf16 autocast on CUDA; torch.compile if tc.compile;
+    replayed from a CUDA graph if tc.cuda_graph) -> (step(), model, tokens a step)."""
     from strategy import OneProcess
     from train import build_optimizer, train_step
     from train_log import Interval
-    free_memory(device)
-    timings = {}
     model = build_model(tc, device, timings=timings)
     optimizer = build_optimizer(model, tc)
-    runner = torch.compile(model, mode=tc.compile_mode) if tc.compile and device.type == "cuda" else model
+    cuda = device.type == "cuda"
+    runner = torch.compile(model, mode=tc.compile_mode) if tc.compile and cuda else model
     tokens = torch.randint(0, tc.vocab_size, (tc.batch_size, tc.block_size + 1), device=device)
     batches = [(tokens[:, :-1], tokens[:, 1:])] * tc.grad_accum
-    cuda = device.type == "cuda"
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda, cache_enabled=not tc.cuda_graph)
     strategy, interval = OneProcess(str(device), "bfloat16" if cuda else "float32"), \
         Interval.start(model.moe_layers(), device)
 
     def eager(batches):
         train_step(runner, model, optimizer, batches, tc, autocast, strategy, interval)
-    graphed = None
     if tc.cuda_graph and cuda:
         from fast.train_graph import GraphedTrainStep
         graphed = GraphedTrainStep(eager, model)
+        return (lambda: graphed(batches)), model, batches[0][0].numel() * len(batches)
 
     def step():
-        if graphed is not None:
-            graphed(batches)
-        else:
-            eager(batches)
-            optimizer.zero_grad(set_to_none=True)
-    ms = timed(step, device, repeats, warmup + (3 if runner is not model or graphed else 0))
-    rate = batches[0][0].numel() * len(batches) / ms * 1e3
+        eager(batches)
+        optimizer.zero_grad(set_to_none=True)
+    return step, model, batches[0][0].numel() * len(batches)
+
+
+def train_speed(tc, device, repeats: int = 20, warmup: int = 5, peak: float | None = None) -> dict:
+    """One model of a TrainConfig alone on the device: the median step of train_step_fn ->
+    train tokens/s, peak MiB, MFU (model FLOPs over `peak` FLOP/s, None without one),
+    parameters, and for clustered models the first clustering's seconds."""
+    free_memory(device)
+    timings = {}
+    step, model, tokens = train_step_fn(tc, device, timings)
+    slow_start = device.type == "cuda" and (tc.compile or tc.cuda_graph)  # compiling, capturing
+    ms = timed(step, device, repeats, warmup + (3 if slow_start else 0))
+    rate = tokens / ms * 1e3
     result = {**model.param_counts(), "train_tokens_per_sec": rate, "train_peak_mib": peak_mib(device),
               "mfu": model.flops_per_token() * rate / peak if peak else None, **timings}
-    del model, optimizer, runner, graphed
+    del step, model
     free_memory(device)
     return result
 

@@ -16,8 +16,8 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.layers import build_model, free_memory
-from train import PRESETS, TrainConfig, build_optimizer, train_step
+from benchmarks.layers import free_memory, train_step_fn
+from train import PRESETS, TrainConfig
 
 # (bucket, name fragments); lower-case match, first bucket wins.
 BUCKETS = [
@@ -43,31 +43,11 @@ def bucket(name: str) -> str:
 
 def profile_step(tc: TrainConfig, device, steps: int) -> dict[str, float]:
     """-> {bucket: device ms per step} (CPU: operator ms), plus 'whole step' (wall ms)."""
-    from strategy import OneProcess
-    from train_log import Interval
     from torch.profiler import ProfilerActivity, profile
     free_memory(device)
-    model = build_model(tc, device)
-    optimizer = build_optimizer(model, tc)
-    runner = torch.compile(model) if tc.compile else model
+    step, _, _ = train_step_fn(tc, device)
     cuda = device.type == "cuda"
-    tokens = torch.randint(0, tc.vocab_size, (tc.batch_size, tc.block_size + 1), device=device)
-    batches = [(tokens[:, :-1], tokens[:, 1:])] * tc.grad_accum
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cuda, cache_enabled=not tc.cuda_graph)
-    strategy = OneProcess(str(device), "bfloat16" if cuda else "float32")
-    interval = Interval.start(model.moe_layers(), device)
-
-    def eager(b):
-        train_step(runner, model, optimizer, b, tc, autocast, strategy, interval)
-    if tc.cuda_graph:
-        from fast.train_graph import GraphedTrainStep
-        graphed = GraphedTrainStep(eager, model)
-        step = lambda: graphed(batches)  # noqa: E731
-    else:
-        def step():
-            eager(batches)
-            optimizer.zero_grad(set_to_none=True)
-    for _ in range(3 + (3 if tc.compile else 0)):
+    for _ in range(3 + (3 if tc.compile or tc.cuda_graph else 0)):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
