@@ -27,12 +27,17 @@ def _run(tmp_path, name, *extra):
 
 
 @cuda
-@pytest.mark.parametrize("moe,compile", [("dense", False), ("topk", False), ("clustered", False),
-                                         ("topk", True), ("clustered", True)])
-def test_graphed_step_trains_as_the_eager_one(tmp_path, moe, compile):
+@pytest.mark.parametrize("moe,compile,impl", [("dense", False, "auto"), ("topk", False, "auto"),
+                                              ("clustered", False, "auto"), ("clustered", False, "triton"),
+                                              ("topk", True, "auto"), ("clustered", True, "auto")])
+def test_graphed_step_trains_as_the_eager_one(tmp_path, moe, compile, impl):
     # clustered: burn_in 4 and recluster_interval 4 in 14 steps are a first clustering (new
     # parameters, a new optimizer) and two reclusters, each followed by a fresh capture.
-    extra = [f"--moe={moe}"] + (["--compile"] if compile else [])
+    if impl == "triton":
+        from fast.triton_combine import combine_available
+        if not combine_available("cuda"):
+            pytest.skip("the Triton combine needs Triton")
+    extra = [f"--moe={moe}", f"--moe_impl={impl}"] + (["--compile"] if compile else [])
     eager_log, eager = _run(tmp_path, "eager", *extra)
     graph_log, graphed = _run(tmp_path, "graph", *extra, "--cuda_graph")
     assert len(eager_log) == len(graph_log) == 2
