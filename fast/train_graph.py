@@ -13,7 +13,9 @@ aux losses stay tensors), a capturable AdamW whose lr is a device tensor
 allocated between replays (never set to None). A recluster replaces parameters or optimizer
 state, so train.py makes a new step (or `reset()` one): the next steps warm up and capture again.
 Verified (tests/test_train_graph.py, CUDA) for dense, top-k and clustered models across
-reclusters, eager or compiled kernels: the graphed run trains as the run without the graph.
+reclusters: with eager kernels the graphed run trains as the eager one, tensor for tensor;
+with compiled kernels, to its losses (recompiled bf16 kernels may route a near-tied token
+elsewhere).
 Does not own: the step itself (train.train_step) or when to recluster (train.py).
 """
 import os
