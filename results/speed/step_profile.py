@@ -73,7 +73,7 @@ def profile_step(tc: TrainConfig, device, steps: int) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
     args = [a for a in argv if not a.startswith("--")]
-    flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in argv if a.startswith("--"))
+    flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], None) for a in argv if a.startswith("--"))
     unknown = set(flags) - {"compile", "cuda_graph", "steps", "tokens_per_step"}
     if unknown:
         sys.exit(f"error: unknown flags {sorted(unknown)}; valid: --compile --cuda_graph --steps= --tokens_per_step=")
@@ -92,7 +92,7 @@ def main(argv: list[str]) -> None:
         rows[moe] = profile_step(tc, device, int(flags.get("steps", 3)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (operator time)"
     print(f"ms a step by kernel kind: --preset={preset}, {micro * accum} tokens a step "
-          f"({base.batch_size} x {base.block_size} x {accum}), {' '.join(f'--{k}' + ('' if v == '1' else f'={v}') for k, v in flags.items())}; {name}, "
+          f"({base.batch_size} x {base.block_size} x {accum}), {' '.join(f'--{k}' + ('' if v is None else f'={v}') for k, v in flags.items())}; {name}, "
           f"torch {torch.__version__}")
     kinds = [b for b, _ in BUCKETS] + ["other"] + (["whole step"] if device.type == "cuda" else [])
     print("| kind | " + " | ".join(models) + " |")
