@@ -320,7 +320,7 @@ def _final_row(model: str, lr: float, runs: list, speeds: dict, tasks: list[str]
            or "not yet measured",
            "train_peak_mib": "; ".join(f"{s['train_peak_mib']:.0f} ({gpu})" for gpu, s in speed.items()),
            **{task: _stat([100 * v for v in numbers["glue"][task]]) or "not yet run" for task in tasks},
-           "numbers": numbers}
+           "numbers": numbers, "logs": logs}
     return row
 
 
@@ -353,13 +353,40 @@ def table(cfg) -> list[dict]:
                      "infer_peak_mib": _stat(clustered["infer_peak_mib_int4"], 0),
                      "infer_peak_mib_offload": _stat(clustered["infer_peak_mib_int4_offload"], 0)})
     for model, row in finals.items():
-        for ref in ("dense", "topk"):
-            if ref in finals and model != ref:
-                a, b = row["numbers"]["val_ppl"], finals[ref]["numbers"]["val_ppl"]
-                noise = "n=1" if min(len(a), len(b)) == 1 else \
-                    ("beyond noise" if beyond_noise(a, b) else "within noise")
-                row[f"vs_{ref}"] = f"{statistics.fmean(a) / statistics.fmean(b) - 1:+.1%} ({noise})"
-    return rows + [{"phase": "paper", **row} for row in PAPER_ROWS]
+        row.update(_gaps(model, {m: f["numbers"]["val_ppl"] for m, f in finals.items()}))
+    return rows + curve(finals) + [{"phase": "paper", **row} for row in PAPER_ROWS]
+
+
+def _gaps(model: str, ppl: dict[str, list[float]]) -> dict:
+    """vs_dense, vs_topk: the model's mean perplexity against each other model's, with its
+    noise call over seeds."""
+    gaps = {}
+    for ref in ("dense", "topk"):
+        if ref in ppl and model != ref:
+            a, b = ppl[model], ppl[ref]
+            noise = "n=1" if min(len(a), len(b)) == 1 else ("beyond noise" if beyond_noise(a, b) else "within noise")
+            gaps[f"vs_{ref}"] = f"{statistics.fmean(a) / statistics.fmean(b) - 1:+.1%} ({noise})"
+    return gaps
+
+
+def curve(finals: dict) -> list[dict]:
+    """The finals' gaps against tokens: each model's validation perplexity at every evaluation
+    its seeds share (mean ± std), with the same gaps as the final rows. Shows where one model
+    overtakes another, and whether a gap is still closing when the budget ends."""
+    at = {}  # model -> {iter: [ppl per seed]}
+    for model, row in finals.items():
+        logs = row["logs"]
+        shared = set.intersection(*({e["iter"] for e in log} for log in logs))
+        at[model] = {i: [next(e["val_ppl"] for e in log if e["iter"] == i) for log in logs] for i in sorted(shared)}
+    rows = []
+    for model, points in at.items():
+        for i, ppl in points.items():
+            others = {m: p[i] for m, p in at.items() if i in p}
+            rows.append({"phase": "curve", "model": model, "lr": finals[model]["lr"],
+                         "tokens_per_step": finals[model]["tokens_per_step"], "steps": i,
+                         "tokens": f"{i * finals[model]['tokens_per_step'] / 1e6:.1f}M", "seeds": len(ppl),
+                         "val_ppl": _stat(ppl), **_gaps(model, others)})
+    return rows
 
 
 COLUMNS = ["phase", "model", "lr", "tokens_per_step", "steps", "tokens", "seeds", "total_params",

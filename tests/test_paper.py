@@ -52,6 +52,13 @@ def test_the_paper_table_is_built_in_parts_and_never_trains_a_kept_run_twice(tmp
         assert mean == pytest.approx(sum(values) / len(values), abs=0.06)
         assert by_model[m]["tokens_per_step"] == 2 * 32 * 2 and by_model[m]["seeds"] == 2
     assert "vs_topk" in by_model["clustered"] and "vs_dense" in by_model["topk"]
+    # The curve: every evaluation of the finals, ending where the final rows end.
+    for m in paper.MODELS:
+        points = [row for row in rows if row["phase"] == "curve" and row["model"] == m]
+        log = [json.loads(line) for line in (keep / f"final/{m}_lr{best[m]:g}_s0" / "log.jsonl").read_text().splitlines()]
+        assert [p["steps"] for p in points] == [e["iter"] for e in log]
+        assert points[-1]["val_ppl"] == by_model[m]["val_ppl"]
+        assert ("vs_dense" in points[-1]) == (m != "dense") and points[-1].get("vs_dense") == by_model[m].get("vs_dense")
     assert json.loads((keep / "speed.json").read_text())["cpu"].keys() == set(paper.MODELS)
 
     # Part 3: everything is kept, so a call trains nothing and gives the same table.
