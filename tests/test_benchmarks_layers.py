@@ -1,4 +1,7 @@
-"""benchmarks/layers.py: the minimal top-k yardstick computes what our top-k layer computes."""
+"""benchmarks/layers.py: the minimal top-k yardstick computes what our top-k layer computes;
+results/speed/step_profile.py buckets a whole train step built by layers.train_step_fn."""
+from pathlib import Path
+
 import torch
 
 from benchmarks.layers import MinimalTopK
@@ -23,3 +26,27 @@ def test_minimal_topk_equals_our_topk_layer():
     g_mine = torch.autograd.grad(mine, [x, minimal.w1], grad)
     for a, b in zip(g_ours, g_mine):
         torch.testing.assert_close(a, b)
+
+
+def test_step_profile_buckets_a_whole_train_step_by_kernel_kind():
+    from dataclasses import replace
+
+    from results.speed.step_profile import bucket, profile_step
+    from train import TrainConfig
+    assert bucket("aten::_grouped_mm") == "grouped matmul" and bucket("aten::addmm") == "matmul"
+    assert bucket("aten::sort") == "sort, top-k, cumsum" and bucket("aten::index_select") == "gather, scatter, index"
+    assert bucket("something new") == "other"
+    tiny = TrainConfig(n_layer=1, n_head=2, n_embd=16, ffn_hidden=32, block_size=8, batch_size=2,
+                       n_experts=4, top_k=2, vocab_size=64, device="cpu")
+    dense, topk = (profile_step(replace(tiny, moe=moe), torch.device("cpu"), steps=1) for moe in ("dense", "topk"))
+    assert dense["matmul"] > 0 and dense["optimizer (AdamW, clip)"] > 0
+    assert "sort, top-k, cumsum" not in dense and topk["sort, top-k, cumsum"] > 0  # top-k's sort of slots
+
+
+def test_step_profile_refuses_an_unknown_flag_in_one_line():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "results.speed.step_profile", "paper", "topk", "--graph"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        "error: unknown flags ['graph']; valid: --compile --cuda_graph --steps= --tokens_per_step="]
