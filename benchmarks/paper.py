@@ -34,8 +34,9 @@ from train_log import evaluate, peak_flops
 MODELS = {"dense": {"moe": "dense"},
           "topk": {"moe": "topk", "balance": "bias", "aux_loss_coef": 0.0},
           "clustered": {"moe": "clustered", "balance": "bias", "aux_loss_coef": 0.0}}
-# The regime and budgets of the table (the smoke test shrinks them).
-REGIME = dict(lrs=(3e-4, 6e-4, 1e-3), sweep_iters=500, iters=2000, eval_iters=50,
+# The regime and budgets of the table (the smoke test shrinks them). Budgets are in tokens, so
+# both regimes see the same data: 500 and 2,000 steps of 32K tokens, 2,000 and 8,000 of 8K.
+REGIME = dict(lrs=(3e-4, 6e-4, 1e-3), sweep_tokens=500 * 32768, tokens=2000 * 32768, eval_iters=50,
               glue_tasks="cola,sst2,stsb", glue_epochs=2, glue_max_examples=10000)
 SEEDS = {"paper": 2, "small": 3}   # final runs per model
 WIDEN = 2                          # lrs the sweep may add past an edge of the grid that wins
@@ -54,7 +55,9 @@ PAPER_ROWS = [
 
 
 def regime(cfg) -> dict:
-    r = {**REGIME, "seeds": SEEDS.get(cfg.paper_size, 2)}
+    """REGIME with the steps its token budgets take at cfg.tokens_per_step, and the seeds."""
+    r = {**REGIME, "seeds": SEEDS.get(cfg.paper_size, 2), "sweep_iters": REGIME["sweep_tokens"] // cfg.tokens_per_step,
+         "iters": REGIME["tokens"] // cfg.tokens_per_step}
     return {**r, "lrs": (3e-4, 1e-3), "sweep_iters": 4, "iters": 6, "eval_iters": 1,
             "glue_epochs": 1, "glue_max_examples": 16} if cfg.smoke else r
 

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench
 from benchmarks import paper, quality
@@ -132,3 +133,13 @@ def test_tokens_per_step_must_fill_whole_micro_batches(tmp_path):
                             tokens_per_step=10000, device="cpu")
     with pytest.raises(ValueError, match="tokens_per_step must be a multiple of 8192"):
         bench.main(cfg)
+
+
+def test_both_regimes_train_on_the_same_tokens(tmp_path):
+    budgets = {}
+    for tokens_per_step in (8192, 32768):
+        cfg = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"),
+                                tokens_per_step=tokens_per_step)
+        runs = paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg))
+        budgets[tokens_per_step] = {tc.batch_size * tc.block_size * tc.grad_accum * tc.max_iters for tc in runs}
+    assert budgets[8192] == budgets[32768] == {500 * 32768}   # the sweep: 16.4M tokens in each regime
