@@ -38,9 +38,23 @@ def test_step_profile_buckets_a_whole_train_step_by_kernel_kind():
     assert bucket("something new") == "other"
     tiny = TrainConfig(n_layer=1, n_head=2, n_embd=16, ffn_hidden=32, block_size=8, batch_size=2,
                        n_experts=4, top_k=2, vocab_size=64, device="cpu")
-    dense, topk = (profile_step(replace(tiny, moe=moe), torch.device("cpu"), steps=1) for moe in ("dense", "topk"))
+    dense, topk = (profile_step(replace(tiny, moe=moe), torch.device("cpu"), steps=1)[0] for moe in ("dense", "topk"))
     assert dense["matmul"] > 0 and dense["optimizer (AdamW, clip)"] > 0
     assert "sort, top-k, cumsum" not in dense and topk["sort, top-k, cumsum"] > 0  # top-k's sort of slots
+
+
+def test_step_profile_counts_each_cuda_kernel_once():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from results.speed.step_profile import bucket_times
+    # An operator and the kernel it launched both report the kernel's 4 ms as self device time.
+    op = SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=4000, self_cpu_time_total=50)
+    kernel = SimpleNamespace(key="nvjet_tst_128x256", device_type=DeviceType.CUDA, self_device_time_total=4000,
+                             self_cpu_time_total=0)
+    assert bucket_times([op, kernel], cuda=True, steps=2) == {"matmul": 2.0}
+    assert bucket_times([op, kernel], cuda=False, steps=2) == {"matmul": 0.025}
 
 
 def test_step_profile_refuses_an_unknown_flag_in_one_line():
@@ -49,4 +63,4 @@ def test_step_profile_refuses_an_unknown_flag_in_one_line():
     done = subprocess.run([sys.executable, "-m", "results.speed.step_profile", "paper", "topk", "--graph"],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
-        "error: unknown flags ['graph']; valid: --compile --cuda_graph --steps= --tokens_per_step="]
+        "error: unknown flags ['graph']; valid: --compile --cuda_graph --steps= --tokens_per_step= --batch_size="]

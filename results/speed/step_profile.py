@@ -7,8 +7,9 @@ Why kernel names and not module ranges: backward kernels carry no forward range,
 a MoE step's extra time is in backward (the grouped matmuls' gradients, the scatter's).
 usage (from the repository root): python -m results.speed.step_profile [preset] [moe,...] [flags]
   flags: --compile, --cuda_graph (a graph replays as one launch: buckets still count kernels),
-         --steps=N (profiled steps, default 3), --tokens_per_step=N (default 32768)
-On a CPU it runs (tiny preset advised) and buckets CPU operator time instead.
+         --steps=N (profiled steps, default 3), --tokens_per_step=N (default 32768),
+         --batch_size=N (the micro-batch; default the preset's)
+On a CPU it runs (the small preset: minutes) and buckets CPU operator time instead.
 """
 import sys
 from collections import defaultdict
@@ -23,7 +24,7 @@ from train import PRESETS, TrainConfig
 BUCKETS = [
     ("optimizer (AdamW, clip)", ("adam", "multi_tensor", "foreach", "norm_kernel", "clip")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
-    ("grouped matmul", ("grouped", "group_gemm", "_mm_grouped", "ptr_array")),
+    ("grouped matmul", ("grouped", "group_gemm", "_mm_grouped", "ptr_array", "ptrarray", "groupproblemshape")),
     ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "matmul", "mm", "addmm", "bmm", "sm90", "sm80")),
     ("sort, top-k, cumsum", ("sort", "radix", "topk", "cumsum", "scan", "bincount", "histogram")),
     ("gather, scatter, index", ("index", "scatter", "gather", "take", "put_", "embedding")),
@@ -41,8 +42,31 @@ def bucket(name: str) -> str:
     return next((b for b, frags in BUCKETS if any(f in low for f in frags)), "other")
 
 
-def profile_step(tc: TrainConfig, device, steps: int) -> dict[str, float]:
-    """-> {bucket: device ms per step} (CPU: operator ms), plus 'whole step' (wall ms)."""
+def event_times(events, cuda: bool, steps: int) -> dict[str, float]:
+    """Profiler events -> {name: ms per step}: kernel time on CUDA, operator time on CPU."""
+    from torch.autograd import DeviceType
+    times = defaultdict(float)
+    for event in events:
+        # On CUDA only the kernels themselves: an operator's self device time is its kernels'
+        # time again, so counting operators too would count every kernel twice.
+        if cuda and event.device_type != DeviceType.CPU:
+            times[event.key] += event.self_device_time_total / 1e3 / steps
+        elif not cuda and not event.key.startswith(("ProfilerStep", "aten::to")):
+            times[event.key] += event.self_cpu_time_total / 1e3 / steps
+    return {name: ms for name, ms in times.items() if ms > 0}
+
+
+def bucket_times(events, cuda: bool, steps: int) -> dict[str, float]:
+    """Profiler events -> {bucket: ms per step}."""
+    totals = defaultdict(float)
+    for name, ms in event_times(events, cuda, steps).items():
+        totals[bucket(name)] += ms
+    return dict(totals)
+
+
+def profile_step(tc: TrainConfig, device, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """-> ({bucket: device ms per step} (CPU: operator ms), plus 'whole step' (wall ms);
+    {kernel or operator name: ms per step})."""
     from torch.profiler import ProfilerActivity, profile
     free_memory(device)
     step, _, _ = train_step_fn(tc, device)
@@ -61,35 +85,34 @@ def profile_step(tc: TrainConfig, device, steps: int) -> dict[str, float]:
         if cuda:
             end.record()
         sync()
-    totals = defaultdict(float)
-    for event in prof.key_averages():
-        us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        if us > 0 and (cuda or not event.key.startswith(("ProfilerStep", "aten::to"))):
-            totals[bucket(event.key)] += us / 1e3 / steps
+    events = prof.key_averages()
+    totals, names = bucket_times(events, cuda, steps), event_times(events, cuda, steps)
     if cuda:
         totals["whole step"] = start.elapsed_time(end) / steps
-    return dict(totals)  # the model goes with this frame; the next call frees the memory first
+    return totals, names  # the model goes with this frame; the next call frees the memory first
 
 
 def main(argv: list[str]) -> None:
     args = [a for a in argv if not a.startswith("--")]
     flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], None) for a in argv if a.startswith("--"))
-    unknown = set(flags) - {"compile", "cuda_graph", "steps", "tokens_per_step"}
+    unknown = set(flags) - {"compile", "cuda_graph", "steps", "tokens_per_step", "batch_size"}
     if unknown:
-        sys.exit(f"error: unknown flags {sorted(unknown)}; valid: --compile --cuda_graph --steps= --tokens_per_step=")
+        sys.exit(f"error: unknown flags {sorted(unknown)}; valid: --compile --cuda_graph --steps= --tokens_per_step= "
+                 "--batch_size=")
     preset = args[0] if args else "paper"
     models = args[1].split(",") if len(args) > 1 else ["dense", "topk", "clustered"]
     if preset not in PRESETS:
         sys.exit(f"error: preset must be one of {sorted(PRESETS)}, got {preset!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = TrainConfig(**{**PRESETS[preset], "preset": preset, "device": str(device)})
+    base.batch_size = int(flags.get("batch_size") or base.batch_size)
     micro = base.batch_size * base.block_size
     accum = max(1, int(flags.get("tokens_per_step", 32768)) // micro)
-    rows = {}
+    rows, names = {}, {}
     for moe in models:
         tc = replace(base, moe=moe, grad_accum=accum, compile="compile" in flags and device.type == "cuda",
                      cuda_graph="cuda_graph" in flags and device.type == "cuda")
-        rows[moe] = profile_step(tc, device, int(flags.get("steps", 3)))
+        rows[moe], names[moe] = profile_step(tc, device, int(flags.get("steps", 3)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (operator time)"
     print(f"ms a step by kernel kind: --preset={preset}, {micro * accum} tokens a step "
           f"({base.batch_size} x {base.block_size} x {accum}), {' '.join(f'--{k}' + ('' if v is None else f'={v}') for k, v in flags.items())}; {name}, "
@@ -101,6 +124,9 @@ def main(argv: list[str]) -> None:
         print(f"| {kind} | " + " | ".join(f"{rows[m].get(kind, 0.0):.2f}" for m in models) + " |")
     print("| sum of kernels | " + " | ".join(f"{sum(v for k, v in rows[m].items() if k != 'whole step'):.2f}"
                                        for m in models) + " |")
+    for m in models:  # what each bucket holds, for checking the name patterns
+        print(f"\nlargest kernels, {m}: " + "; ".join(f"{ms:.2f} ms [{bucket(n)}] {n[:100]}" for n, ms in
+                                                      sorted(names[m].items(), key=lambda kv: -kv[1])[:10]))
 
 
 if __name__ == "__main__":
