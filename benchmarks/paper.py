@@ -144,8 +144,7 @@ def best_lr(keep: Path, model: str, lrs) -> float | None:
     return best if best is not None and (min(grid) < best < max(grid) or not widened) else None
 
 
-# Fields that may differ between a kept run and the plan: where and how fast it ran, and how
-# often it saved a checkpoint (a call that may be cut short saves more often).
+# Fields a kept run may differ in from the plan: where and how fast it ran, how often it saved.
 PLACE = {"out_dir", "device", "compile", "compile_mode", "cuda_graph", "dataset", "data_dir", "resume",
          "overwrite", "ckpt_interval"}
 
@@ -361,8 +360,7 @@ def table(cfg) -> list[dict]:
 
 
 def _gaps(model: str, ppl: dict[str, list[float]]) -> dict:
-    """vs_dense, vs_topk: the model's mean perplexity against each other model's, with its
-    noise call over seeds."""
+    """vs_dense, vs_topk: the model's mean perplexity against theirs, with its noise call."""
     gaps = {}
     for ref in ("dense", "topk"):
         if ref in ppl and model != ref:
@@ -373,9 +371,8 @@ def _gaps(model: str, ppl: dict[str, list[float]]) -> dict:
 
 
 def curve(finals: dict) -> list[dict]:
-    """The finals' gaps against tokens: each model's validation perplexity at every evaluation
-    its seeds share (mean ± std), with the same gaps as the final rows. Shows where one model
-    overtakes another, and whether a gap is still closing when the budget ends."""
+    """The finals' gaps against tokens: each model's perplexity at every evaluation its seeds
+    share (mean ± std) with the final rows' gaps: where one overtakes, whether a gap still closes."""
     at = {}  # model -> {iter: [ppl per seed]}
     for model, row in finals.items():
         logs = row["logs"]

@@ -15,6 +15,7 @@ from results.speed.graph_drift import run
 
 MODES = {"compiled": ["--compile"], "compiled+graph": ["--compile", "--cuda_graph"], "graph": ["--cuda_graph"]}
 
+
 def one(root: Path, moe: str, mode: str) -> None:
     out = root / f"{moe}_{mode}"
     try:
@@ -30,6 +31,7 @@ def one(root: Path, moe: str, mode: str) -> None:
         where = traceback.extract_tb(error.__traceback__)[-1]
         print(f"{moe:9s} {mode:16s} FAILED {type(error).__name__}: {str(error).splitlines()[0][:300]} "
               f"(at {Path(where.filename).name}:{where.lineno})", flush=True)
+
 
 if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/compile_graph")

@@ -1,6 +1,7 @@
 """Where the graphed clustered step leaves the eager one: the tiny clustered run of
-tests/test_train_graph.py trained eagerly twice and once with --cuda_graph, every parameter, buffer and gradient copied after every step; prints, per step,
-the tensors whose values differ between the runs and by how much.
+tests/test_train_graph.py trained eagerly twice and once with --cuda_graph, every parameter,
+buffer and gradient copied after every step; prints, per step, the tensors whose values
+differ between the runs and by how much.
 usage (CUDA, from the repository root): python -m results.speed.graph_drift [out_dir] [extra train flags...]
 """
 import itertools
