@@ -26,13 +26,16 @@ def test_the_paper_table_is_built_in_parts_and_never_trains_a_kept_run_twice(tmp
     assert _kept(keep) == {"sweep/dense_lr0.0003"}
     assert not (tmp_path / "b" / "paper" / keep.name / "sweep" / "dense_lr0.0003" / "ckpt.pt").exists()
 
-    # Part 2: the rest. The sweep decides each model's final lr; finals are measured.
+    # Part 2: the rest. The sweep decides each model's final lr; finals are measured; then the
+    # ablations (the variant waits for a clustered model behind top-k: not here).
+    monkeypatch.setattr(paper, "VARIANT_GAP", 1e9)
     rows = bench.main(cfg(parallel=2))["paper"]
     r = paper.regime(cfg())
     sweep = {f"sweep/{m}_lr{lr:g}" for m in paper.MODELS for lr in paper.sweep_lrs(keep, m, r["lrs"])}
     best = {m: paper.best_lr(keep, m, r["lrs"]) for m in paper.MODELS}
     finals = {f"final/{m}_lr{best[m]:g}_s{i}" for m in paper.MODELS for i in range(r["seeds"])}
-    assert _kept(keep) == sweep | finals
+    ablations = {f"ablation/{a}_lr{best['clustered']:g}" for a in paper.ABLATIONS}
+    assert _kept(keep) == sweep | finals | ablations
     for m in paper.MODELS:
         lrs = paper.sweep_lrs(keep, m, r["lrs"])
         ppl = {lr: paper._final_ppl(keep / "sweep" / f"{m}_lr{lr:g}") for lr in lrs}
@@ -61,6 +64,23 @@ def test_the_paper_table_is_built_in_parts_and_never_trains_a_kept_run_twice(tmp
         assert points[-1]["val_ppl"] == by_model[m]["val_ppl"]
         assert ("vs_dense" in points[-1]) == (m != "dense") and points[-1].get("vs_dense") == by_model[m].get("vs_dense")
     assert json.loads((keep / "speed.json").read_text())["cpu"].keys() == set(paper.MODELS)
+    # The ablations: the clustered finals' lr and budget, one change each, measured without GLUE.
+    final = json.loads((keep / f"final/clustered_lr{best['clustered']:g}_s0" / "config.json").read_text())["config"]
+    for name, change in paper.ABLATIONS.items():
+        kept = keep / f"ablation/{name}_lr{best['clustered']:g}"
+        conf = json.loads((kept / "config.json").read_text())["config"]
+        assert {k for k in conf if conf[k] != final[k]} <= {"out_dir", *change} and all(conf[k] == v for k, v in change.items())
+        assert set(json.loads((kept / "measures.json").read_text())) >= {"heldout_load_cv", "infer_peak_mib"}
+        assert "glue" not in json.loads((kept / "measures.json").read_text())
+    rows_of = lambda phase: {row["model"]: row for row in rows if row["phase"] == phase}  # noqa: E731
+    assert set(rows_of("ablation")) == {f"clustered, {a}" for a in paper.ABLATIONS} and not rows_of("variant")
+    assert all("vs_clustered" in row and "vs_topk" in row for row in rows_of("ablation").values())
+
+    # Part 2b: clustered behind top-k by more than VARIANT_GAP: only the variant is trained.
+    monkeypatch.setattr(paper, "VARIANT_GAP", -1.0)
+    rows = bench.main(cfg(parallel=2))["paper"]
+    assert _kept(keep) == sweep | finals | ablations | {f"ablation/G4_lr{best['clustered']:g}"}
+    assert set(rows_of("variant")) == {"clustered, G4"}
 
     # Part 3: everything is kept, so a call trains nothing and gives the same table.
     monkeypatch.setattr(quality, "train", lambda tc: pytest.fail(f"trained {tc.out_dir} again"))
