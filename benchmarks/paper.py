@@ -86,7 +86,8 @@ def keep_dir(cfg) -> Path:
 
 def planned(cfg, device, keep: Path) -> list[TrainConfig]:
     """Every run of the table: the sweep (model x lr, one seed), then each model's finals at
-    its best sweep lr (only once its sweep is complete in `keep`)."""
+    its best sweep lr (only once its sweep is complete in `keep`), then, once every final is
+    kept, the ablations at the clustered lr (and the variant, if clustered trails top-k)."""
     r, base, out = regime(cfg), base_config(cfg, device), Path(cfg.out_dir) / "paper" / keep.name
 
     def run(phase, model, lr, iters, seed):
