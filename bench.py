@@ -69,7 +69,8 @@ class BenchConfig:
     lrs: str = "3e-4,6e-4,1e-3"    # baseline: the learning rates every model is swept over
     models: str = ""               # baseline: which of its models, comma-separated ('' = all)
     ckpt_interval: int = 0         # baseline: train.py's (0: a checkpoint at every eval; large
-                                   # models may need fewer: each holds weights and AdamW moments)
+                                   # models may need fewer: each holds weights and AdamW moments);
+                                   # paper: rounded up to a multiple of its eval interval
     paper_size: str = "paper"      # paper: the size of its table (train.PRESETS)
     tokens_per_step: int = 32768   # paper, models: tokens per optimizer step (grad_accum makes it up)
     keep: str = "results/paper/runs"  # paper: where finished runs' small files are kept (and

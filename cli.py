@@ -4,7 +4,7 @@ Owns: the CPU thread policy (set as it loads: entry points import cli before tor
 `parse_config` (any dataclass; unknown keys are an error listing the valid ones; named
 presets with explicit flags winning; `--help` prints every flag with the comment beside its
 field, under the group comments of its dataclass), `check_rules` (a config's rules -> one
-error), `run` (an entry point's errors in its input, and Ctrl-C, become one line; `--debug`
+error), `run` (an entry point's errors in its input, and Ctrl-C or SIGTERM, become one line; `--debug`
 shows the traceback), `resolve_device`, `save_atomic` (temp file + rename, so a crash, a full
 disk or Ctrl-C never leaves a half-written checkpoint), reading checkpoints safely
 (`weights_only=True`: a checkpoint from elsewhere cannot run code; older field names are
@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import inspect
 import re
 import shutil
+import signal
 import sys
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -42,26 +43,36 @@ class CheckpointError(RuntimeError):
 INPUT_ERRORS = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a scheduler's stop), raised where the program is, like Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run(main, argv: list[str], interrupted=lambda: "interrupted"):
     """main(argv) for an entry point: an input error prints `error: <one line>` on stderr
-    and exits with status 1; Ctrl-C prints `interrupted()` (one line: what is kept, how to go
-    on) and exits with status 130; with --debug both raise, traceback and all. Any other
-    exception is a bug and keeps its traceback."""
+    and exits with status 1; Ctrl-C or SIGTERM prints `interrupted()` (one line: what is kept,
+    how to go on) and exits with status 130 or 143; with --debug both raise, traceback and
+    all. Any other exception is a bug and keeps its traceback. SIGTERM takes Ctrl-C's path, so
+    the same cleanup runs: no half-written checkpoint, child processes stopped, not orphaned."""
     debug = "--debug" in argv
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return main([arg for arg in argv if arg != "--debug"])
     except INPUT_ERRORS as error:
         if debug:
             raise
         sys.exit("error: " + " ".join(str(error).split()))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if debug:
             raise
-        line = interrupted()
+        line, status = interrupted(), 143 if isinstance(stop, Terminated) else 130
     # Printed once the except is left: the interrupted frames are freed, so a progress bar
     # has closed its line first.
     print(line, file=sys.stderr)
-    sys.exit(130)
+    sys.exit(status)
 
 
 def check_rules(rules: list[tuple[bool, str]], what: str) -> None:

@@ -95,7 +95,8 @@ class TrainConfig(GPTConfig):
     eval_interval: int = 10        # iterations between evaluations (and checkpoints)
     eval_iters: int = 3            # validation batches per evaluation
     log_interval: int = 10         # iterations between progress-bar updates (one host sync)
-    ckpt_interval: int = 0         # iterations between checkpoints (0: every eval; the last always)
+    ckpt_interval: int = 0         # iterations between checkpoints, a multiple of eval_interval
+                                   # (0: every eval; the last always)
     final_ckpt: str = "full"       # full (with optimizer state) | weights (1/3 the bytes, no resume)
     sample_tokens: int = 60        # tokens generated from the trained model at the end (0 = none)
 
@@ -120,6 +121,9 @@ class TrainConfig(GPTConfig):
             (self.expert_parallel >= 1, "expert_parallel must be >= 1"),
             (min(self.kmeans_restarts, self.shock_iters, self.ckpt_interval, self.sample_tokens) >= 0,
              "kmeans_restarts, shock_iters, ckpt_interval and sample_tokens must be >= 0"),
+            (self.eval_interval < 1 or self.ckpt_interval % self.eval_interval == 0,
+             f"ckpt_interval ({self.ckpt_interval}) must be 0 or a multiple of eval_interval "
+             f"({self.eval_interval}): checkpoints are written at evaluations"),
             (self.final_ckpt in ("full", "weights"), "final_ckpt must be full|weights"),
             (self.compile_mode in ("default", "max-autotune"),
              "compile_mode must be default|max-autotune (reduce-overhead's graphs overwrite outputs "

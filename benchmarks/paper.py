@@ -92,9 +92,10 @@ def planned(cfg, device, keep: Path) -> list[TrainConfig]:
 
     def run(phase, model, lr, iters, seed):
         name = f"{model}_lr{lr:g}" + (f"_s{seed - cfg.seed}" if phase == "final" else "")
-        interval = max(1, iters // 5)
+        interval = max(1, iters // 5)  # checkpoints come at evaluations: --ckpt_interval rounds up to one
+        ckpt = -(-cfg.ckpt_interval // interval) * interval if cfg.ckpt_interval else iters
         return replace(base, **MODELS[model], lr=lr, min_lr=lr / 10, max_iters=iters, seed=seed,
-                       eval_interval=interval, ckpt_interval=cfg.ckpt_interval or iters,
+                       eval_interval=interval, ckpt_interval=ckpt,
                        out_dir=str(out / phase / name))
     runs = [run("sweep", m, lr, r["sweep_iters"], cfg.seed) for m in MODELS for lr in sweep_lrs(keep, m, r["lrs"])]
     best = {model: best_lr(keep, model, r["lrs"]) for model in MODELS}

@@ -102,28 +102,46 @@ def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False
           done=lambda job: None) -> None:
     """Run `parallel` subprocesses at once, one per job: start(job) -> (script and flags, log
     file); done(job) after each that ends well. A job that fails stops the others (unless
-    ok(its log file) says the failure is a result); the error quotes the end of its log."""
+    ok(its log file) says the failure is a result); the error quotes the end of its log. If
+    this process stops for any reason (an error, Ctrl-C, SIGTERM), the running jobs stop too,
+    so none goes on writing where a rerun resumes."""
     todo, active = list(jobs), []
-    while todo or active:
-        while todo and len(active) < max(1, parallel):
-            job = todo.pop(0)
-            argv, log_path = start(job)
-            log = open(log_path, "a")
-            proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=log,
-                                    stderr=subprocess.STDOUT)
-            active.append((proc, log, log_path, job))
-        time.sleep(0.5)
-        for item in [a for a in active if a[0].poll() is not None]:
-            proc, log, log_path, job = item
-            log.close()
-            active.remove(item)
-            if proc.returncode != 0 and not ok(log_path):
-                for other, other_log, *_ in active:
-                    other.kill()
-                    other_log.close()
-                raise RuntimeError(f"{what} ({log_path.parent}) failed (exit {proc.returncode}):\n"
-                                   f"{log_path.read_text()[-2000:]}")
-            done(job)
+    try:
+        while todo or active:
+            while todo and len(active) < max(1, parallel):
+                job = todo.pop(0)
+                argv, log_path = start(job)
+                log = open(log_path, "a")
+                proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=log,
+                                        stderr=subprocess.STDOUT)
+                active.append((proc, log, log_path, job))
+            time.sleep(0.5)
+            for item in [a for a in active if a[0].poll() is not None]:
+                proc, log, log_path, job = item
+                log.close()
+                active.remove(item)
+                if proc.returncode != 0 and not ok(log_path):
+                    raise RuntimeError(f"{what} ({log_path.parent}) failed (exit {proc.returncode}):\n"
+                                       f"{log_path.read_text()[-2000:]}")
+                done(job)
+    finally:
+        _stop([(proc, log) for proc, log, *_ in active])
+
+
+def _stop(running: list, grace_s: float = 60.0) -> None:
+    """Stop (process, log) pairs with SIGTERM, which our entry points take as Ctrl-C (each
+    keeps its last checkpoint and says so in its log); kill any still running after grace_s."""
+    for proc, _ in running:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.time() + grace_s
+    for proc, log in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def summarize(values: list[float]) -> dict:

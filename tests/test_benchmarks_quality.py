@@ -1,10 +1,18 @@
 """benchmarks/quality.py: the seed grid (parallel subprocesses, finished runs skipped) and the noise test."""
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from benchmarks.quality import beyond_noise, finished, read_log, run_grid, summarize
 from train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(sample_tokens=0, n_layer=1, n_head=2, n_embd=16, ffn_hidden=16, n_experts=4, n_clusters=2, rank=2,
             block_size=16, batch_size=2, eval_iters=1, eval_interval=2, max_iters=2, device="cpu",
@@ -71,3 +79,25 @@ def test_a_diverged_run_is_a_result_not_a_failure(tmp_path, parallel):
     again = run_variants(base, {"calm": {}, "wild": {"lr": 1e4, "min_lr": 1e3}}, 2, tmp_path / "g",
                          parallel, speed=False)
     assert again[1]["diverged"] == wild["diverged"]
+
+
+def test_a_stopped_grid_stops_its_runs(tmp_path):
+    """SIGTERM to the process running a grid (as `timeout` sends it) stops the runs it started:
+    none is left writing into a folder that a rerun would resume."""
+    script = ("import sys; from pathlib import Path; import cli; from benchmarks import quality\n"
+              "tmp = Path(sys.argv[1])\n"
+              "code = lambda i: f'import os, time; open(r\"{tmp}/pid{i}\", \"w\").write(str(os.getpid())); time.sleep(600)'\n"
+              "cli.run(lambda argv: quality._pool([0, 1], lambda i: (['-c', code(i)], tmp / f'log{i}'), 2, 'sleeping'), [])\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, text=True,
+                              stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not all((tmp_path / f"pid{i}").exists() for i in (0, 1)) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the pid files are written; the children sleep
+    children = [int((tmp_path / f"pid{i}").read_text()) for i in (0, 1)]
+    parent.send_signal(signal.SIGTERM)
+    _, stderr = parent.communicate(timeout=120)
+    assert parent.returncode == 143 and stderr.strip() == "interrupted", stderr[-2000:]
+    for pid in children:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -221,15 +221,15 @@ def test_resume_takes_the_checkpoints_config_and_refuses_a_contradiction(run_dir
     assert scored.returncode == 0 and "ppl" in scored.stdout, scored.stderr[-2000:]
 
 
-def _interrupted(args, out: Path, after: str):
-    """train.py sent SIGINT (Ctrl-C) once `after` appears in out -> the finished process."""
+def _interrupted(args, out: Path, after: str, signum=signal.SIGINT):
+    """train.py sent SIGINT (Ctrl-C) or `signum` once `after` appears in out -> the finished process."""
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / after).exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -260,6 +260,26 @@ def test_ctrl_c_keeps_the_checkpoint_and_the_resumed_run_equals_an_unbroken_one(
                                                      .read_text().splitlines())]
             for name in ("cut", "whole")]
     assert logs[0] == logs[1]
+
+
+def test_sigterm_stops_like_ctrl_c(run_dir, tmp_path):
+    """`kill` or `timeout` (SIGTERM): the same one line and kept checkpoint as Ctrl-C, status 143."""
+    out = tmp_path / "term"
+    cut = _interrupted([*TINY, "--max_iters=1000", f"--out_dir={out}", f"--data_dir={run_dir / 'data'}"],
+                       out, "ckpt.pt", signal.SIGTERM)
+    lines = _messages(cut.stderr)
+    assert cut.returncode == 143 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
+    found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is kept; "
+                         r"resume with: python train.py --resume --out_dir=\S+", lines[0]) if len(lines) == 1 else None
+    assert found, lines
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == int(found[2]) and not (out / "ckpt.tmp").exists()
+
+
+def test_a_checkpoint_interval_between_evaluations_is_refused(tmp_path):
+    _one_line_error(_run("train.py", *TINY, "--eval_interval=400", "--ckpt_interval=1000",
+                         f"--out_dir={tmp_path / 'out'}"),
+                    "ckpt_interval (1000) must be 0 or a multiple of eval_interval (400)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_run_stopped_before_its_first_checkpoint_blocks_nothing(run_dir, tmp_path):

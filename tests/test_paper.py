@@ -163,3 +163,16 @@ def test_both_regimes_train_on_the_same_tokens(tmp_path):
         runs = paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg))
         budgets[tokens_per_step] = {tc.batch_size * tc.block_size * tc.grad_accum * tc.max_iters for tc in runs}
     assert budgets[8192] == budgets[32768] == {500 * 32768}   # the sweep: 16.4M tokens in each regime
+
+
+def test_a_checkpoint_interval_rounds_up_to_an_evaluation(tmp_path):
+    """Checkpoints are written at evaluations, so --ckpt_interval=1000 with evaluations every
+    400 steps means a checkpoint every 1,200, not one at the end only."""
+    cfg = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"), ckpt_interval=1000)
+    runs = paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg))
+    assert {(tc.eval_interval, tc.ckpt_interval) for tc in runs} == {(100, 1000)}
+    for name in paper.MODELS:  # a complete sweep, best inside the grid: the finals are planned
+        for lr, ppl in zip(paper.regime(cfg)["lrs"], (300, 250, 260)):
+            _sweep_run(paper.keep_dir(cfg), name, lr, ppl)
+    finals = [tc for tc in paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg)) if "/final/" in tc.out_dir]
+    assert finals and {(tc.eval_interval, tc.ckpt_interval) for tc in finals} == {(400, 1200)}

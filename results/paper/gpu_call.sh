@@ -6,7 +6,11 @@
 # Set up: mkdir -p .carry/enwiki .carry/glue && cp ../shared/data/enwiki-00+01-tokens/* .carry/enwiki/
 #         && cp -r ../shared/data/glue/{CoLA,SST-2,STS-B} .carry/glue/   (carry: [".carry"])
 # usage: bash results/paper/gpu_call.sh <timeout_s> <runs at once on 80 GB> <on 141 GB> [bench flags...]
+# At timeout_s the section gets SIGTERM: it stops its runs (each keeps its last checkpoint, which a
+# next call on the same warm machine resumes) and has 90 s to do so before it is killed.
 set -u
+# nothing left running from an earlier call (SIGTERM: each run stops at its last checkpoint)
+pkill -f "bench.py --sections=paper"; pkill -f "/train.py --" && sleep 10
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
 python -c "import torch; print(torch.__version__)" | tee -a $OUT/gpu.txt
 if [ ! -f /tmp/enwiki/val.bin ]; then
@@ -20,10 +24,10 @@ T=$1; P=$2; MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,noun
 shift 3
 echo "parallel=$P" | tee -a $OUT/gpu.txt
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-timeout $T python bench.py --sections=paper --dataset=/tmp/enwiki --data_dir=/tmp/data --out_dir=/tmp/pb \
+timeout --kill-after=90 $T python -u bench.py --sections=paper --dataset=/tmp/enwiki --data_dir=/tmp/data --out_dir=/tmp/pb \
   --glue_dir=.carry/glue --parallel=$P --max_runs=$P "$@" > $OUT/bench.txt 2>&1
 echo "rc=$?" >> $OUT/bench.txt
 tar czf $OUT/kept.tgz results/paper/runs
 rm -rf /tmp/kept && cp -r results/paper/runs /tmp/kept
-for f in /tmp/pb/paper/*/*/train.out; do echo "== $f"; grep -v "it/s\]$" $f | tail -c 2500; done > $OUT/train_tails.txt 2>&1
+for f in /tmp/pb/paper/*/*/*/train.out; do echo "== $f"; grep -v "it/s\]$" $f | tail -c 2500; done > $OUT/train_tails.txt 2>&1
 nvidia-smi >> $OUT/gpu.txt
