@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import statistics
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def measure(cfg, tc: TrainConfig, device) -> dict:
 def keep_run(cfg, keep: Path, tc: TrainConfig, device) -> None:
     """A run just ended: measure a final checkpoint, copy the small files to `keep`, and
     delete the checkpoint (it is too large to keep, and the disk holds few)."""
-    folder, target = Path(tc.out_dir), _kept(keep, tc)
+    folder, target, began = Path(tc.out_dir), _kept(keep, tc), time.time()
     if done_in(keep, tc):
         return
     if folder.parent.name != "sweep" and not (folder / "diverged.json").exists():
@@ -244,7 +245,7 @@ def keep_run(cfg, keep: Path, tc: TrainConfig, device) -> None:
         if (folder / name).exists():
             shutil.copyfile(folder / name, target / name)
     (folder / "ckpt.pt").unlink(missing_ok=True)
-    print(f"kept: {target}")
+    print(f"kept: {target} (measured and copied in {time.time() - began:.0f} s)", flush=True)
 
 
 def train_missing(cfg, device) -> None:

@@ -114,12 +114,15 @@ def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False
                 log = open(log_path, "a")
                 proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=log,
                                         stderr=subprocess.STDOUT)
-                active.append((proc, log, log_path, job))
+                active.append((proc, log, log_path, job, time.time()))
+                print(f"{what}: started {log_path.parent} ({time.strftime('%H:%M:%S')})", flush=True)
             time.sleep(0.5)
             for item in [a for a in active if a[0].poll() is not None]:
-                proc, log, log_path, job = item
+                proc, log, log_path, job, began = item
                 log.close()
                 active.remove(item)
+                print(f"{what}: {log_path.parent} ended (exit {proc.returncode}) after "
+                      f"{time.time() - began:.0f} s", flush=True)
                 if proc.returncode != 0 and not ok(log_path):
                     raise RuntimeError(f"{what} ({log_path.parent}) failed (exit {proc.returncode}):\n"
                                        f"{log_path.read_text()[-2000:]}")
