@@ -4,8 +4,8 @@ Owns: the CPU thread policy (set as it loads: entry points import cli before tor
 `parse_config` (any dataclass; unknown keys are an error listing the valid ones; named
 presets with explicit flags winning; `--help` prints every flag with the comment beside its
 field, under the group comments of its dataclass), `check_rules` (a config's rules -> one
-error), `run` (an entry point's errors in its input, and Ctrl-C or SIGTERM, become one line; `--debug`
-shows the traceback), `resolve_device`, `save_atomic` (temp file + rename, so a crash, a full
+error), `run` (an entry point's errors in its input, and Ctrl-C or SIGTERM, become one line;
+`--debug` shows the traceback), `resolve_device`, `save_atomic` (temp file + rename, so a crash, a full
 disk or Ctrl-C never leaves a half-written checkpoint), reading checkpoints safely
 (`weights_only=True`: a checkpoint from elsewhere cannot run code; older field names are
 upgraded) into a GPT, and the run's out_dir (what --resume continues: the checkpoint's

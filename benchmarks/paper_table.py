@@ -126,14 +126,16 @@ def ablations(keep, finals: dict, ppl: dict[str, list[float]]) -> list[dict]:
             if not log or log[-1]["iter"] < conf["max_iters"]:
                 continue
             moved = [e["moved"] for e in events[1:]]
+            last, cv = log[-1], measures.get("heldout_load_cv")
             rows.append({"phase": "ablation" if name in ABLATIONS else "variant", "model": f"clustered, {name}",
-                         "lr": f"{lr:g}", **_budget(conf, 1), "total_params": f"{log[-1]['total_params'] / 1e6:.1f}M",
-                         "active_params": f"{log[-1]['active_params'] / 1e6:.1f}M",
+                         "lr": f"{lr:g}", **_budget(conf, 1),
+                         "total_params": f"{last['total_params'] / 1e6:.1f}M",
+                         "active_params": f"{last['active_params'] / 1e6:.1f}M",
                          "val_ppl": _final_ppl(keep / "ablation" / f"{name}_lr{lr:g}"),
-                         "heldout_load_cv": _stat([measures["heldout_load_cv"]] if "heldout_load_cv" in measures else [], 3),
+                         "heldout_load_cv": _stat([cv] if cv is not None else [], 3),
                          "moved_per_recluster": f"{statistics.fmean(moved):.2f}" if moved else "",
                          "infer_peak_mib": _stat([measures["infer_peak_mib"]] if measures else [], 0),
-                         **_gaps(name, {**ppl, name: [log[-1]["val_ppl"]]}, ("clustered", "topk"))})
+                         **_gaps(name, {**ppl, name: [last["val_ppl"]]}, ("clustered", "topk"))})
     return rows
 
 
@@ -168,9 +170,9 @@ def curve(finals: dict) -> list[dict]:
 
 
 COLUMNS = ["phase", "model", "lr", "tokens_per_step", "steps", "tokens", "seeds", "total_params",
-           "active_params", "val_ppl", "vs_dense", "vs_topk", "vs_clustered", "heldout_load_cv", "moved_per_recluster",
-           "cola", "sst2", "stsb", "train_tok_s", "train_peak_mib", "infer_peak_mib", "val_ppl_offload",
-           "infer_peak_mib_offload", "peak_gb", "load_cv"]
+           "active_params", "val_ppl", "vs_dense", "vs_topk", "vs_clustered", "heldout_load_cv",
+           "moved_per_recluster", "cola", "sst2", "stsb", "train_tok_s", "train_peak_mib", "infer_peak_mib",
+           "val_ppl_offload", "infer_peak_mib_offload", "peak_gb", "load_cv"]
 
 
 def title(cfg, env) -> str:

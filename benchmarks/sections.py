@@ -290,7 +290,6 @@ SECTIONS["routing"] = (bench_grid("routing"), SECTIONS["ablation"][1], SECTIONS[
 TABLE_ROWS = {"quality": _quality_rows}
 
 
-
 def bench_paper(cfg, device, out: Path) -> list[dict]:
     """Train what the paper's table still lacks (paper.py), then its rows from every kept run."""
     paper.train_missing(cfg, device)

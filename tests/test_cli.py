@@ -269,10 +269,12 @@ def test_sigterm_stops_like_ctrl_c(run_dir, tmp_path):
                        out, "ckpt.pt", signal.SIGTERM)
     lines = _messages(cut.stderr)
     assert cut.returncode == 143 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
+    assert len(lines) == 1, lines
     found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is kept; "
-                         r"resume with: python train.py --resume --out_dir=\S+", lines[0]) if len(lines) == 1 else None
+                         r"resume with: python train.py --resume --out_dir=\S+", lines[0])
     assert found, lines
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == int(found[2]) and not (out / "ckpt.tmp").exists()
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == int(found[2])
+    assert not (out / "ckpt.tmp").exists()
 
 
 def test_a_checkpoint_interval_between_evaluations_is_refused(tmp_path):
