@@ -12,10 +12,10 @@ aux losses stay tensors), a capturable AdamW whose lr is a device tensor
 (train.build_optimizer), autocast without its weight-cast cache, and gradients that stay
 allocated between replays (never set to None). A recluster replaces parameters or optimizer
 state, so train.py makes a new step (or `reset()` one): the next steps warm up and capture again.
-Verified (tests/test_train_graph.py, CUDA) for dense, top-k and clustered models across
-reclusters: with eager kernels the graphed run trains as the eager one, tensor for tensor;
-with compiled kernels, to its losses (recompiled bf16 kernels may route a near-tied token
-elsewhere).
+tests/test_train_graph.py (CUDA) holds dense, top-k and clustered models across reclusters to
+this: with eager kernels the graphed run trains as the eager one, tensor for tensor; with
+compiled kernels, to its losses (recompiled bf16 kernels may route a near-tied token
+elsewhere). Which cases have passed on which GPU: results/speed/README.md.
 Does not own: the step itself (train.train_step) or when to recluster (train.py).
 """
 import os

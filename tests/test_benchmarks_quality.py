@@ -86,8 +86,10 @@ def test_a_stopped_grid_stops_its_runs(tmp_path):
     none is left writing into a folder that a rerun would resume."""
     script = ("import sys; from pathlib import Path; import cli; from benchmarks import quality\n"
               "tmp = Path(sys.argv[1])\n"
-              "code = lambda i: f'import os, time; open(r\"{tmp}/pid{i}\", \"w\").write(str(os.getpid())); time.sleep(600)'\n"
-              "cli.run(lambda argv: quality._pool([0, 1], lambda i: (['-c', code(i)], tmp / f'log{i}'), 2, 'sleeping'), [])\n")
+              "code = lambda i: (f'import os, time; open(r\"{tmp}/pid{i}\", \"w\").write(str(os.getpid())); '\n"
+              "                  'time.sleep(600)')\n"
+              "start = lambda i: (['-c', code(i)], tmp / f'log{i}')\n"
+              "cli.run(lambda argv: quality._pool([0, 1], start, 2, 'sleeping'), [])\n")
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, text=True,
                               stderr=subprocess.PIPE)
     deadline = time.time() + 120
