@@ -5,8 +5,9 @@ Owns: the CPU thread policy (set as it loads: entry points import cli before tor
 presets with explicit flags winning; `--help` prints every flag with the comment beside its
 field, under the group comments of its dataclass), `check_rules` (a config's rules -> one
 error), `run` (an entry point's errors in its input, and Ctrl-C or SIGTERM, become one line;
-`--debug` shows the traceback), `resolve_device`, `save_atomic` (temp file + rename, so a crash, a full
-disk or Ctrl-C never leaves a half-written checkpoint), reading checkpoints safely
+`--debug` shows the traceback), `StopAtStep` (a loop stops at a step's end, to checkpoint
+it), `resolve_device`, `save_atomic` (temp file + rename, so a crash, a full disk or Ctrl-C
+never leaves a half-written checkpoint), reading checkpoints safely
 (`weights_only=True`: a checkpoint from elsewhere cannot run code; older field names are
 upgraded) into a GPT, and the run's out_dir (what --resume continues: the checkpoint's
 config, with only the flags that may change).
@@ -22,6 +23,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
@@ -49,6 +51,34 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated()
+
+
+class StopAtStep:
+    """A loop's clean stop. Inside `with StopAtStep() as stop:` a first Ctrl-C or SIGTERM is
+    held in `stop.requested` (a notice is printed) for the loop to act on where its state is
+    whole, at the end of a step: checkpoint there, then `raise stop.requested`. A second one
+    is raised at once. Off (`enabled=False`, or off the main thread) signals raise as before."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.requested, self._previous = enabled, None, {}
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._hold)
+                              for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _hold(self, signum, frame):
+        stop = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if self.requested is not None:
+            raise stop
+        self.requested = stop
+        print("\nstopping at the end of this step, to checkpoint it (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def run(main, argv: list[str], interrupted=lambda: "interrupted"):

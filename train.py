@@ -9,7 +9,7 @@ parallel/'s DataParallel or ExpertParallel). What a run records and prints is tr
 flags, devices and checkpoint files are cli.py's.
 """
 # cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
-from cli import (Progress, UsageError, check_out_dir, check_rules, clear_out_dir, load_model,
+from cli import (Progress, StopAtStep, UsageError, check_out_dir, check_rules, clear_out_dir, load_model,
                  parse_config, resolve_device, restore_rng, rng_state, run, save_atomic)
 import math
 import os
@@ -246,6 +246,18 @@ def make_step(runner, model, optimizer, cfg: TrainConfig, autocast, strategy, in
     return GraphedTrainStep(step, model)
 
 
+def save_checkpoint(out_dir: Path, model, optimizer, cfg: TrainConfig, done: int, batch_gen,
+                    strategy, weights_only=False, interval=None) -> None:
+    """ckpt.pt after `done` iterations (every rank gathers; rank 0 writes, atomically: the last
+    good checkpoint stays until this one is whole). `interval`: the open eval interval's state."""
+    model_state, optimizer_state = strategy.checkpoint_state(model, optimizer)
+    rngs = strategy.all_rngs(rng_state(batch_gen))
+    if strategy.master:
+        save_atomic({"model": model_state, "optimizer": None if weights_only else optimizer_state,
+                     "config": asdict(cfg), "iter": done, "rng": rngs[0], "rng_ranks": rngs,
+                     "interval": interval}, out_dir / "ckpt.pt")
+
+
 def recluster_event(model, optimizer, cfg: TrainConfig, it: int, strategy, shock_eval=None):
     """Regroup every MoE layer (every rank alike), with the validation loss of each shock batch
     just before and after (`shock_eval`). With regroup_rule=loss, a regroup that moved experts
@@ -311,65 +323,70 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     autocast = torch.autocast(torch.device(device).type, torch.bfloat16,
                               cache_enabled=not cfg.cuda_graph) if dtype == "bfloat16" else nullcontext()
     interval, record = Interval.start(model.moe_layers(), device), {}
+    if ckpt and ckpt.get("interval"):  # stopped inside an interval: it goes on from there
+        interval.restore(ckpt["interval"])
     step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
-    for it in bar:
-        progress.it = it
-        # Recluster event (all ranks): optimizer state follows the experts; the first
-        # clustering creates parameters, so then the optimizer and the wrapper are rebuilt,
-        # and the step is bound to them anew (a CUDA graph is captured again).
-        if recluster_due(it, cfg):
-            t_recluster = time.perf_counter()
-            shock = (lambda: val_losses(model, val_tokens, cfg, device, autocast, cfg.shock_iters)) \
-                if master or strategy.everyone_evaluates else None
-            result, before, after = recluster_event(model, optimizer, cfg, it, strategy, shock)
-            if master:
-                log_recluster(out_dir, model, it, result, before, after)
-            if result.created:
-                optimizer = build_optimizer(model, cfg, optimizer)
-                runner = strategy.wrap(compiled)
-            step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
-            interval.moved += result.moved
-            interval.reset_loads()
-            interval.recluster_s += time.perf_counter() - t_recluster - result.shock_s
-            interval.paused_s += result.shock_s  # a measurement, not training: untimed
+    # single process: a stop waits for the step's end (ranks would stop at different steps)
+    with StopAtStep(enabled=strategy.world == 1) as stop:
+        for it in bar:
+            progress.it = it
+            # Recluster event (all ranks): optimizer state follows the experts; the first
+            # clustering creates parameters, so then the optimizer and the wrapper are rebuilt,
+            # and the step is bound to them anew (a CUDA graph is captured again).
+            if recluster_due(it, cfg):
+                t_recluster = time.perf_counter()
+                shock = (lambda: val_losses(model, val_tokens, cfg, device, autocast,
+                                            cfg.shock_iters)) if master or strategy.everyone_evaluates else None
+                result, before, after = recluster_event(model, optimizer, cfg, it, strategy, shock)
+                if master:
+                    log_recluster(out_dir, model, it, result, before, after)
+                if result.created:
+                    optimizer = build_optimizer(model, cfg, optimizer)
+                    runner = strategy.wrap(compiled)
+                step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
+                interval.moved += result.moved
+                interval.reset_loads()
+                interval.recluster_s += time.perf_counter() - t_recluster - result.shock_s
+                interval.paused_s += result.shock_s  # a measurement, not training: untimed
 
-        # One optimizer step (all ranks), eager or replayed from the graph.
-        lr = lr_at(it, cfg)
-        set_lr(optimizer, lr)
-        step([data.get_batch(train_tokens, cfg.batch_size, cfg.block_size, device, batch_gen)
-              for _ in range(cfg.grad_accum)])
-        if not cfg.cuda_graph:
-            optimizer.zero_grad(set_to_none=True)
-        interval.steps += 1
+            # One optimizer step (all ranks), eager or replayed from the graph.
+            lr = lr_at(it, cfg)
+            set_lr(optimizer, lr)
+            step([data.get_batch(train_tokens, cfg.batch_size, cfg.block_size, device, batch_gen)
+                  for _ in range(cfg.grad_accum)])
+            if not cfg.cuda_graph:
+                optimizer.zero_grad(set_to_none=True)
+            interval.steps += 1
 
-        # Progress and the non-finite check (all ranks): one host sync per log_interval.
-        last = it == cfg.max_iters - 1
-        eval_now = (it + 1) % cfg.eval_interval == 0 or last
-        if (it + 1) % cfg.log_interval == 0 or eval_now:
-            train_loss = (interval.loss_sum / interval.steps).item()
-            if not math.isfinite(train_loss):
-                raise diverged(out_dir, it, train_loss, master)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}")
+            # Progress and the non-finite check (all ranks): one host sync per log_interval.
+            last = it == cfg.max_iters - 1
+            eval_now = (it + 1) % cfg.eval_interval == 0 or last
+            if (it + 1) % cfg.log_interval == 0 or eval_now:
+                train_loss = (interval.loss_sum / interval.steps).item()
+                if not math.isfinite(train_loss):
+                    raise diverged(out_dir, it, train_loss, master)
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}")
 
-        # Close the eval interval: rank 0 (expert parallel: every rank) evaluates; rank 0 logs.
-        if eval_now:
-            if master or strategy.everyone_evaluates:
-                record = close_interval(model, cfg, it, lr, train_loss, interval, val_tokens, meta,
-                                        strategy.world, device, autocast)
-            save = last or not cfg.ckpt_interval or (it + 1) % cfg.ckpt_interval == 0
-            if save:
-                model_state, optimizer_state = strategy.checkpoint_state(model, optimizer)
-                optimizer_state = None if last and cfg.final_ckpt == "weights" else optimizer_state
-                rngs = strategy.all_rngs(rng_state(batch_gen))
-            if master:
-                log_record(out_dir, record)
-            if master and save:  # the last good checkpoint stays until this one is whole
-                save_atomic({"model": model_state, "optimizer": optimizer_state,
-                             "config": asdict(cfg), "iter": it + 1, "rng": rngs[0],
-                             "rng_ranks": rngs}, out_dir / "ckpt.pt")
-            interval.reset()
+            # Close the eval interval: rank 0 (expert parallel: every rank) evaluates; rank 0 logs.
+            if eval_now:
+                if master or strategy.everyone_evaluates:
+                    record = close_interval(model, cfg, it, lr, train_loss, interval, val_tokens,
+                                            meta, strategy.world, device, autocast)
+                save = last or not cfg.ckpt_interval or (it + 1) % cfg.ckpt_interval == 0
+                if master:
+                    log_record(out_dir, record)
+                if save:
+                    save_checkpoint(out_dir, model, optimizer, cfg, it + 1, batch_gen, strategy,
+                                    weights_only=last and cfg.final_ckpt == "weights")
+                interval.reset()
+            # A Ctrl-C or SIGTERM held by `stop` ends the run here, its step checkpointed.
+            if stop.requested:
+                if not (eval_now and save):
+                    save_checkpoint(out_dir, model, optimizer, cfg, it + 1, batch_gen, strategy,
+                                    interval=interval.state())
+                raise stop.requested
     if cfg.sample_tokens and (master or strategy.everyone_evaluates):  # a taste of the model
         text = sample_text(model, cfg, device, autocast)
         print(text if master else "", end="")

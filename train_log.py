@@ -80,6 +80,22 @@ class Interval:
         for acc in self.loads + self.cluster_loads:
             acc.zero_()
 
+    def state(self) -> dict:
+        """What a checkpoint taken inside the interval keeps, so the resumed run logs what the
+        unbroken one would: the sums, the counts and the time spent so far."""
+        return {"loss_sum": self.loss_sum.detach().cpu(), "loads": [a.cpu() for a in self.loads],
+                "cluster_loads": [a.cpu() for a in self.cluster_loads], "steps": self.steps,
+                "moved": self.moved, "recluster_s": self.recluster_s,
+                "elapsed_s": time.perf_counter() - self.t0 - self.paused_s}
+
+    def restore(self, state: dict):
+        """Put back state(), in place: a captured CUDA graph adds into these very tensors."""
+        for acc, saved in zip([self.loss_sum, *self.loads, *self.cluster_loads],
+                              [state["loss_sum"], *state["loads"], *state["cluster_loads"]]):
+            acc.copy_(saved)
+        self.steps, self.moved, self.recluster_s = state["steps"], state["moved"], state["recluster_s"]
+        self.paused_s, self.t0 = 0.0, time.perf_counter() - state["elapsed_s"]
+
     def reset(self):
         self.reset_loads()
         self.loss_sum.zero_()

@@ -220,14 +220,17 @@ def measure(cfg, tc: TrainConfig, device) -> dict:
     free_memory(device)
     if cfg.glue_dir and not ablation:
         out = Path(tc.out_dir) / "glue.jsonl"
-        flags = {"ckpt": path, "task": r["glue_tasks"], "data_dir": cfg.glue_dir, "seeds": 1,
+        summaries = lambda: [rec for rec in map(json.loads, out.read_text().splitlines())  # noqa: E731
+                             if rec.get("summary")] if out.exists() else []
+        # A measure cut short (a call's time limit) goes on with the tasks it had not finished.
+        todo = [t for t in r["glue_tasks"].split(",") if t not in {s["task"] for s in summaries()}]
+        flags = {"ckpt": path, "task": ",".join(todo), "data_dir": cfg.glue_dir, "seeds": 1,
                  "seed": tc.seed, "epochs": r["glue_epochs"], "out": out, "device": tc.device,
                  "max_train_examples": r["glue_max_examples"]}
-        out.unlink(missing_ok=True)
-        _pool([None], lambda _: ([ROOT / "eval_glue.py", *[f"--{k}={v}" for k, v in flags.items()]],
-                                 Path(tc.out_dir) / "glue.out"), 1, "GLUE fine-tuning")
-        result["glue"] = {rec["task"]: rec["score"]["mean"] for rec in map(json.loads, out.read_text().splitlines())
-                          if rec.get("summary") and rec["task"] != "average"}
+        if todo:
+            _pool([None], lambda _: ([ROOT / "eval_glue.py", *[f"--{k}={v}" for k, v in flags.items()]],
+                                     Path(tc.out_dir) / "glue.out"), 1, "GLUE fine-tuning")
+        result["glue"] = {s["task"]: s["score"]["mean"] for s in summaries() if s["task"] != "average"}
         result["glue_setting"] = {k: flags[k] for k in ("epochs", "max_train_examples", "seed")}
     return result
 

@@ -112,8 +112,10 @@ def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False
                 job = todo.pop(0)
                 argv, log_path = start(job)
                 log = open(log_path, "a")
+                # Its own session: a Ctrl-C at the terminal or `timeout`'s signal to the group
+                # reaches it only through _stop, once, so it ends its step and checkpoints it.
                 proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=log,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, start_new_session=True)
                 active.append((proc, log, log_path, job, time.time()))
                 print(f"{what}: started {log_path.parent} ({time.strftime('%H:%M:%S')})", flush=True)
             time.sleep(0.5)
@@ -132,19 +134,25 @@ def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False
 
 
 def _stop(running: list, grace_s: float = 60.0) -> None:
-    """Stop (process, log) pairs with SIGTERM, which our entry points take as Ctrl-C (each
-    keeps its last checkpoint and says so in its log); kill any still running after grace_s."""
+    """Stop (process, log) pairs with SIGTERM, which our entry points take as Ctrl-C (a run
+    checkpoints the step under way and says so in its log); kill any still running after
+    grace_s, or at once on a second Ctrl-C or SIGTERM here."""
     for proc, _ in running:
         if proc.poll() is None:
             proc.terminate()
     deadline = time.time() + grace_s
-    for proc, log in running:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    try:
+        for proc, _ in running:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for proc, log in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
 
 
 def summarize(values: list[float]) -> dict:

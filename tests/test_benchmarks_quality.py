@@ -1,5 +1,7 @@
 """benchmarks/quality.py: the seed grid (parallel subprocesses, finished runs skipped) and the noise test."""
 import os
+import pickle
+import re
 import signal
 import statistics
 import subprocess
@@ -8,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.quality import beyond_noise, finished, read_log, run_grid, summarize
 from train import TrainConfig
@@ -50,7 +53,6 @@ def test_failed_run_is_an_error_quoting_its_output(tmp_path):
 
 
 def test_a_run_cut_short_resumes_from_its_checkpoint(tmp_path):
-    import torch
     from dataclasses import replace
 
     from train import train
@@ -103,3 +105,26 @@ def test_a_stopped_grid_stops_its_runs(tmp_path):
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_ctrl_c_at_the_terminal_stops_a_grid_with_each_run_checkpointed_at_its_step(tmp_path):
+    """Ctrl-C at a terminal signals the whole process group (as `timeout` does): each run
+    hears one stop, from the grid, so it ends its step and checkpoints it; none loses a step."""
+    runs = [TrainConfig(**{**TINY, "max_iters": 100000, "eval_interval": 50}, seed=s,
+                        out_dir=str(tmp_path / f"run{s}"), data_dir=str(tmp_path / "data")) for s in (0, 1)]
+    script = ("import pickle, sys; import cli; from benchmarks import quality\n"
+              "runs = pickle.loads(bytes.fromhex(sys.argv[1]))\n"
+              "cli.run(lambda argv: quality.run_grid(runs, parallel=2), [])\n")
+    grid = subprocess.Popen([sys.executable, "-c", script, pickle.dumps(runs).hex()], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while not all((Path(tc.out_dir) / "ckpt.pt").exists() for tc in runs) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(grid.pid, signal.SIGINT)
+    _, stderr = grid.communicate(timeout=120)
+    assert grid.returncode == 130 and stderr.strip().endswith("interrupted"), stderr[-2000:]
+    for tc in runs:
+        end = (Path(tc.out_dir) / "train.out").read_text().splitlines()[-1]
+        found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is kept.*", end)
+        assert found and found[1] == found[2], end
+        assert torch.load(Path(tc.out_dir) / "ckpt.pt", weights_only=True)["iter"] == int(found[2])

@@ -1,7 +1,8 @@
 """cli.py through every entry point, as a user meets it: bad input is one line on stderr, a
 non-zero exit, no traceback, and nothing written or removed; --debug keeps the traceback;
 an out_dir holding a run is protected; --resume continues the checkpoint's run and refuses
-a flag that contradicts it; Ctrl-C is one line, exit 130, and the run resumes as if unbroken;
+a flag that contradicts it; Ctrl-C (or SIGTERM) ends the step under way, checkpoints it and
+prints one line, exit 130 (143), and the run resumes as if unbroken;
 every entry point sets the CPU thread policy before torch loads; --help describes every flag."""
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import train
-from cli import help_text, parse_config, upgrade_config
+from cli import Progress, StopAtStep, Terminated, help_text, parse_config, upgrade_config
 from train import PRESETS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,21 +235,27 @@ def _interrupted(args, out: Path, after: str, signum=signal.SIGINT):
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def test_ctrl_c_keeps_the_checkpoint_and_the_resumed_run_equals_an_unbroken_one(run_dir, tmp_path):
+NOTICE = "stopping at the end of this step, to checkpoint it (again to stop at once)"
+STOPPED = (r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is kept; "
+           r"resume with: python train.py --resume --out_dir=(\S+)")
+
+
+def test_ctrl_c_checkpoints_its_step_and_the_resumed_run_equals_an_unbroken_one(run_dir, tmp_path):
+    """Ctrl-C inside an eval interval: the step under way ends and is checkpointed with the
+    interval's sums, so no step is lost and the resumed run logs what the unbroken one does."""
     out, data = tmp_path / "cut", f"--data_dir={run_dir / 'data'}"
-    schedule = [*TINY, "--eval_interval=2", "--burn_in=3", "--recluster_interval=3",
-                "--lr_decay_iters=12", "--warmup_iters=2", data]
+    schedule = [*TINY, "--eval_interval=4", "--burn_in=3", "--recluster_interval=3",
+                "--lr_decay_iters=20", "--warmup_iters=2", data]
     cut = _interrupted([*schedule, "--max_iters=1000", f"--out_dir={out}"], out, "ckpt.pt")
     lines = _messages(cut.stderr)
     assert cut.returncode == 130 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
-    assert len(lines) == 1, lines
-    found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is "
-                         r"kept; resume with: python train.py --resume --out_dir=(\S+)", lines[0])
+    assert len(lines) == 2 and lines[0] == NOTICE, lines
+    found = re.fullmatch(STOPPED, lines[1])
     assert found and found[3] == str(out), lines
     at, kept = int(found[1]), int(found[2])
-    assert kept <= at and torch.load(out / "ckpt.pt", weights_only=True)["iter"] == kept
+    assert kept == at and torch.load(out / "ckpt.pt", weights_only=True)["iter"] == at
     assert not (out / "ckpt.tmp").exists()
-    end = kept + 6                                  # past a recluster, beyond where it stopped
+    end = 4 * (at // 4 + 2)                         # two evaluations and reclusters further
     resumed = _run("train.py", "--resume", f"--out_dir={out}", f"--max_iters={end}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     train.train(parse_config(TrainConfig, [*schedule, f"--max_iters={end}",
@@ -256,23 +263,38 @@ def test_ctrl_c_keeps_the_checkpoint_and_the_resumed_run_equals_an_unbroken_one(
     a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("cut", "whole"))
     assert a["iter"] == b["iter"] == end and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    logs = [[(r["iter"], r["val_loss"]) for r in map(json.loads, (tmp_path / name / "log.jsonl")
-                                                     .read_text().splitlines())]
+    timings = {"time", "tokens_per_sec", "mfu", "recluster_s"}
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in timings}
+             for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
             for name in ("cut", "whole")]
-    assert logs[0] == logs[1]
+    assert len(logs[1]) == end // 4 and logs[0] == logs[1]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_come_back():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopAtStep() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert isinstance(stop.requested, Terminated)  # held, not raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes: here at the latest
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with StopAtStep(enabled=False) as stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert stop.requested is None
 
 
 def test_sigterm_stops_like_ctrl_c(run_dir, tmp_path):
-    """`kill` or `timeout` (SIGTERM): the same one line and kept checkpoint as Ctrl-C, status 143."""
+    """`kill` or `timeout` (SIGTERM): the same lines and checkpoint as Ctrl-C, status 143."""
     out = tmp_path / "term"
     cut = _interrupted([*TINY, "--max_iters=1000", f"--out_dir={out}", f"--data_dir={run_dir / 'data'}"],
                        out, "ckpt.pt", signal.SIGTERM)
     lines = _messages(cut.stderr)
     assert cut.returncode == 143 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
-    assert len(lines) == 1, lines
-    found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is kept; "
-                         r"resume with: python train.py --resume --out_dir=\S+", lines[0])
-    assert found, lines
+    assert len(lines) == 2 and lines[0] == NOTICE, lines
+    found = re.fullmatch(STOPPED, lines[1])
+    assert found and found[1] == found[2], lines
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == int(found[2])
     assert not (out / "ckpt.tmp").exists()
 
@@ -285,15 +307,16 @@ def test_a_checkpoint_interval_between_evaluations_is_refused(tmp_path):
 
 
 def test_a_run_stopped_before_its_first_checkpoint_blocks_nothing(run_dir, tmp_path):
+    """Killed (SIGKILL: the OOM killer, a power cut) before any checkpoint, or stopped during
+    its start-up: the folder holds no checkpoint and the same command starts afresh."""
     out, data = tmp_path / "early", f"--data_dir={run_dir / 'data'}"
     flags = [*TINY, f"--out_dir={out}", data]
-    cut = _interrupted([*flags, "--max_iters=100000", "--eval_interval=100000"], out, "config.json")
-    assert cut.returncode == 130 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
-    lines = _messages(cut.stderr)
-    assert len(lines) == 1 and re.fullmatch(
-        r"interrupted (at iteration \d+|before the first iteration); no checkpoint yet in "
-        + re.escape(str(out)) + ", nothing to resume: run the same command again to start afresh",
-        lines[0]), lines
+    cut = _interrupted([*flags, "--max_iters=100000", "--eval_interval=100000"], out, "config.json",
+                       signal.SIGKILL)
+    assert cut.returncode == -signal.SIGKILL and not (out / "ckpt.pt").exists()
+    assert re.fullmatch(r"interrupted before the first iteration; no checkpoint yet in "
+                        + re.escape(str(out)) + ", nothing to resume: run the same command "
+                        r"again to start afresh", Progress(str(out)).line())
     before = _snapshot(out)
     _one_line_error(_run("train.py", "--resume", f"--out_dir={out}"), "no checkpoint at",
                     "without --resume")

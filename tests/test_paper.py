@@ -177,3 +177,28 @@ def test_a_checkpoint_interval_rounds_up_to_an_evaluation(tmp_path):
             _sweep_run(paper.keep_dir(cfg), name, lr, ppl)
     finals = [tc for tc in paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg)) if "/final/" in tc.out_dir]
     assert finals and {(tc.eval_interval, tc.ckpt_interval) for tc in finals} == {(400, 1200)}
+
+
+def test_a_glue_measure_cut_short_goes_on_with_the_tasks_it_had_not_finished(tmp_path, monkeypatch):
+    """A call's time limit can stop GLUE between tasks: the next measure fine-tunes only
+    the tasks without a summary in glue.jsonl, and reports all three."""
+    import train
+    cfg = bench.BenchConfig(smoke=True, sections="paper", out_dir=str(tmp_path / "b"),
+                            data_dir=str(tmp_path / "data"), keep=str(tmp_path / "keep"), glue_dir="glue")
+    tc = paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg))[0]
+    train.train(tc)
+    out = Path(tc.out_dir) / "glue.jsonl"
+    out.write_text(json.dumps({"summary": True, "task": "cola", "score": {"mean": 0.1}}) + "\n")
+    asked = []
+
+    def fake_pool(jobs, start, parallel, what):  # eval_glue.py's summaries for the tasks asked
+        tasks = next(a for a in map(str, start(None)[0]) if a.startswith("--task=")).split("=")[1]
+        asked.append(tasks)
+        with open(out, "a") as f:
+            for task in tasks.split(","):
+                f.write(json.dumps({"summary": True, "task": task, "score": {"mean": 0.5}}) + "\n")
+    monkeypatch.setattr(paper, "_pool", fake_pool)
+    assert paper.measure(cfg, tc, torch.device("cpu"))["glue"] == {"cola": 0.1, "sst2": 0.5, "stsb": 0.5}
+    assert asked == ["sst2,stsb"]
+    assert paper.measure(cfg, tc, torch.device("cpu"))["glue"] == {"cola": 0.1, "sst2": 0.5, "stsb": 0.5}
+    assert asked == ["sst2,stsb"]  # all three done: no fine-tuning at all

@@ -6,8 +6,10 @@
 # Set up: mkdir -p .carry/enwiki .carry/glue && cp ../shared/data/enwiki-00+01-tokens/* .carry/enwiki/
 #         && cp -r ../shared/data/glue/{CoLA,SST-2,STS-B} .carry/glue/   (carry: [".carry"])
 # usage: bash results/paper/gpu_call.sh <timeout_s> <runs at once on 80 GB> <on 141 GB> [bench flags...]
-# At timeout_s the section gets SIGTERM: it stops its runs (each keeps its last checkpoint, which a
-# next call on the same warm machine resumes) and has 90 s to do so before it is killed.
+# At timeout_s the section gets SIGTERM: it stops its runs (each checkpoints the step under way,
+# which a next call on the same warm machine resumes) and has 90 s to do so before it is killed.
+# logs.tgz holds every run's small files, kept or not (no checkpoints): a machine that goes cold
+# loses the checkpoints, never the logs.
 set -u
 # nothing left running from an earlier call (SIGTERM: each run stops at its last checkpoint)
 pkill -f "bench.py --sections=paper"; pkill -f "/train.py --" && sleep 10
@@ -18,7 +20,7 @@ if [ ! -f /tmp/enwiki/val.bin ]; then
   xz -dc .carry/enwiki/train.bin.xz > /tmp/enwiki/train.bin & xz -dc .carry/enwiki/val.bin.xz > /tmp/enwiki/val.bin; wait
 fi
 # a warm machine keeps /tmp: runs kept by an earlier call whose kept.tgz was not yet extracted
-[ -d /tmp/kept ] && cp -rn /tmp/kept/. results/paper/runs/
+[ -d /tmp/kept ] && cp -r --update=none /tmp/kept/. results/paper/runs/
 T=$1; P=$2; MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 [ "$MEM" -gt 100000 ] && P=$3
 shift 3
@@ -29,5 +31,6 @@ timeout --kill-after=90 $T python -u bench.py --sections=paper --dataset=/tmp/en
 echo "rc=$?" >> $OUT/bench.txt
 tar czf $OUT/kept.tgz results/paper/runs
 rm -rf /tmp/kept && cp -r results/paper/runs /tmp/kept
+tar czf $OUT/logs.tgz --exclude=ckpt.pt --exclude=ckpt.tmp -C /tmp/pb paper 2>/dev/null
 for f in /tmp/pb/paper/*/*/*/train.out; do echo "== $f"; grep -v "it/s\]$" $f | tail -c 2500; done > $OUT/train_tails.txt 2>&1
 nvidia-smi >> $OUT/gpu.txt
