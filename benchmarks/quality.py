@@ -10,8 +10,10 @@ Also the declared grids (GRIDS: the baseline study, the paper's ablations, the r
 question), one dict of TrainConfig overrides per variant.
 Does not own: the sections (sections.py) or what is claimed (claims.py), training (train.py).
 """
+import ctypes
 import json
 import math
+import signal
 import statistics
 import subprocess
 import sys
@@ -103,8 +105,8 @@ def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False
     """Run `parallel` subprocesses at once, one per job: start(job) -> (script and flags, log
     file); done(job) after each that ends well. A job that fails stops the others (unless
     ok(its log file) says the failure is a result); the error quotes the end of its log. If
-    this process stops for any reason (an error, Ctrl-C, SIGTERM), the running jobs stop too,
-    so none goes on writing where a rerun resumes."""
+    this process stops for any reason (an error, Ctrl-C, SIGTERM, even SIGKILL), the running
+    jobs stop too, so none goes on writing where a rerun resumes."""
     todo, active = list(jobs), []
     try:
         while todo or active:
@@ -115,7 +117,8 @@ def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False
                 # Its own session: a Ctrl-C at the terminal or `timeout`'s signal to the group
                 # reaches it only through _stop, once, so it ends its step and checkpoints it.
                 proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_stop_with_parent)
                 active.append((proc, log, log_path, job, time.time()))
                 print(f"{what}: started {log_path.parent} ({time.strftime('%H:%M:%S')})", flush=True)
             time.sleep(0.5)
@@ -131,6 +134,15 @@ def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False
                 done(job)
     finally:
         _stop([(proc, log) for proc, log, *_ in active])
+
+
+def _stop_with_parent() -> None:
+    """In a child, before it starts (Linux): SIGTERM it when the process that started it dies,
+    even killed outright, where _stop cannot run; elsewhere nothing."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop(running: list, grace_s: float = 60.0) -> None:

@@ -107,9 +107,11 @@ def test_a_stopped_grid_stops_its_runs(tmp_path):
             os.kill(pid, 0)
 
 
-def test_ctrl_c_at_the_terminal_stops_a_grid_with_each_run_checkpointed_at_its_step(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl_c", "sigkill"])
+def test_a_stopped_grid_checkpoints_each_run_at_its_step(tmp_path, how):
     """Ctrl-C at a terminal signals the whole process group (as `timeout` does): each run
-    hears one stop, from the grid, so it ends its step and checkpoints it; none loses a step."""
+    hears one stop, from the grid, so it ends its step and checkpoints it. A grid killed
+    outright (SIGKILL) cannot stop its runs itself: they hear of it from the kernel, and do the same."""
     runs = [TrainConfig(**{**TINY, "max_iters": 100000, "eval_interval": 50}, seed=s,
                         out_dir=str(tmp_path / f"run{s}"), data_dir=str(tmp_path / "data")) for s in (0, 1)]
     script = ("import pickle, sys; import cli; from benchmarks import quality\n"
@@ -120,11 +122,19 @@ def test_ctrl_c_at_the_terminal_stops_a_grid_with_each_run_checkpointed_at_its_s
     deadline = time.time() + 120
     while not all((Path(tc.out_dir) / "ckpt.pt").exists() for tc in runs) and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(grid.pid, signal.SIGINT)
+    if how == "ctrl_c":
+        os.killpg(grid.pid, signal.SIGINT)
+    else:
+        grid.kill()
     _, stderr = grid.communicate(timeout=120)
-    assert grid.returncode == 130 and stderr.strip().endswith("interrupted"), stderr[-2000:]
-    for tc in runs:
-        end = (Path(tc.out_dir) / "train.out").read_text().splitlines()[-1]
+    if how == "ctrl_c":
+        assert grid.returncode == 130 and stderr.strip().endswith("interrupted"), stderr[-2000:]
+    ends = [Path(tc.out_dir) / "train.out" for tc in runs]
+    while not all("interrupted" in path.read_text() for path in ends) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the line is printed as the process exits
+    for tc, path in zip(runs, ends):
+        end = path.read_text().splitlines()[-1]
         found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is kept.*", end)
         assert found and found[1] == found[2], end
         assert torch.load(Path(tc.out_dir) / "ckpt.pt", weights_only=True)["iter"] == int(found[2])
