@@ -20,6 +20,7 @@ the models section's timings.
 """
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -186,12 +187,13 @@ def measure(cfg, tc: TrainConfig, device) -> dict:
     memory, and GLUE (when cfg.glue_dir is set). An ablation's: held-out load CV and memory."""
     from offload import ClusterOffloader  # inference machinery: only for this measurement
     from quant import quantize_model
-    r, path = regime(cfg), Path(tc.out_dir) / "ckpt.pt"
+    path = Path(tc.out_dir) / "ckpt.pt"
     val = data.load_split(data.prepare(tc.dataset, tc.data_dir, val_split=tc.val_split), "val")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     result = {"heldout_batches": cfg.routing_batches, "infer_batch": [cfg.batch_size, tc.block_size]}
     free_memory(device)
     model, _ = load_model(path, device)
+    n_params = sum(p.numel() for p in model.parameters())
     if tc.moe != "dense":
         result["heldout_load_cv"] = routing_stats(model, val, tc, device, cfg.routing_batches)["load_cv"]
     x = torch.randint(0, tc.vocab_size, (cfg.batch_size, tc.block_size), device=device)
@@ -219,20 +221,45 @@ def measure(cfg, tc: TrainConfig, device) -> dict:
     del model
     free_memory(device)
     if cfg.glue_dir and not ablation:
-        out = Path(tc.out_dir) / "glue.jsonl"
-        summaries = lambda: [rec for rec in map(json.loads, out.read_text().splitlines())  # noqa: E731
-                             if rec.get("summary")] if out.exists() else []
-        # A measure cut short (a call's time limit) goes on with the tasks it had not finished.
-        todo = [t for t in r["glue_tasks"].split(",") if t not in {s["task"] for s in summaries()}]
-        flags = {"ckpt": path, "task": ",".join(todo), "data_dir": cfg.glue_dir, "seeds": 1,
-                 "seed": tc.seed, "epochs": r["glue_epochs"], "out": out, "device": tc.device,
-                 "max_train_examples": r["glue_max_examples"]}
-        if todo:
-            _pool([None], lambda _: ([ROOT / "eval_glue.py", *[f"--{k}={v}" for k, v in flags.items()]],
-                                     Path(tc.out_dir) / "glue.out"), 1, "GLUE fine-tuning")
-        result["glue"] = {s["task"]: s["score"]["mean"] for s in summaries() if s["task"] != "average"}
-        result["glue_setting"] = {k: flags[k] for k in ("epochs", "max_train_examples", "seed")}
+        result.update(glue_scores(cfg, tc, device, n_params))
     return result
+
+
+def glue_at_once(device, n_params: int, n_tasks: int) -> int:
+    """How many GLUE tasks fine-tune side by side: one checkpoint's fine-tuning leaves most of
+    a GPU idle, so as many as its free memory holds (weights, gradients and AdamW's two
+    moments: 16 bytes a parameter, and 4 GiB for activations and the process)."""
+    if device.type != "cuda":
+        return max(1, min(n_tasks, os.cpu_count() or 1))
+    need = 16 * n_params + 4 * 2**30
+    return max(1, min(n_tasks, torch.cuda.mem_get_info(device)[0] // need))
+
+
+def glue_scores(cfg, tc: TrainConfig, device, n_params: int) -> dict:
+    """GLUE from a final checkpoint: each task fine-tuned by eval_glue.py in its own process
+    (glue_<task>.jsonl, .out), side by side as glue_at_once allows. A measure cut short (a
+    call's time limit) goes on with the tasks that have no summary yet."""
+    r, folder = regime(cfg), Path(tc.out_dir)
+    flags = {"ckpt": folder / "ckpt.pt", "data_dir": cfg.glue_dir, "seeds": 1, "seed": tc.seed,
+             "epochs": r["glue_epochs"], "device": tc.device, "max_train_examples": r["glue_max_examples"]}
+
+    def out(task) -> Path:
+        return folder / f"glue_{task}.jsonl"
+
+    def summary(task) -> dict | None:
+        lines = out(task).read_text().splitlines() if out(task).exists() else []
+        return next((rec for rec in map(json.loads, lines) if rec.get("summary") and rec["task"] == task), None)
+
+    def start(task):
+        args = {**flags, "task": task, "out": out(task)}
+        return [ROOT / "eval_glue.py", *[f"--{k}={v}" for k, v in args.items()]], folder / f"glue_{task}.out"
+    tasks = r["glue_tasks"].split(",")
+    todo = [task for task in tasks if summary(task) is None]
+    for task in todo:  # a task cut short starts again
+        out(task).unlink(missing_ok=True)
+    _pool(todo, start, glue_at_once(device, n_params, len(todo)), "GLUE fine-tuning")
+    return {"glue": {task: s["score"]["mean"] for task in tasks if (s := summary(task))},
+            "glue_setting": {k: flags[k] for k in ("epochs", "max_train_examples", "seed")}}
 
 
 def keep_run(cfg, keep: Path, tc: TrainConfig, device) -> None:

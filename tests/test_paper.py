@@ -181,24 +181,35 @@ def test_a_checkpoint_interval_rounds_up_to_an_evaluation(tmp_path):
 
 def test_a_glue_measure_cut_short_goes_on_with_the_tasks_it_had_not_finished(tmp_path, monkeypatch):
     """A call's time limit can stop GLUE between tasks: the next measure fine-tunes only
-    the tasks without a summary in glue.jsonl, and reports all three."""
+    the tasks without a summary, side by side, and reports all three."""
     import train
     cfg = bench.BenchConfig(smoke=True, sections="paper", out_dir=str(tmp_path / "b"),
                             data_dir=str(tmp_path / "data"), keep=str(tmp_path / "keep"), glue_dir="glue")
     tc = paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg))[0]
     train.train(tc)
-    out = Path(tc.out_dir) / "glue.jsonl"
-    out.write_text(json.dumps({"summary": True, "task": "cola", "score": {"mean": 0.1}}) + "\n")
+    folder = Path(tc.out_dir)
+    (folder / "glue_cola.jsonl").write_text(json.dumps({"summary": True, "task": "cola", "score": {"mean": 0.1}}))
+    (folder / "glue_sst2.jsonl").write_text(json.dumps({"task": "sst2", "seed": 0}))  # cut before its summary
     asked = []
 
-    def fake_pool(jobs, start, parallel, what):  # eval_glue.py's summaries for the tasks asked
-        tasks = next(a for a in map(str, start(None)[0]) if a.startswith("--task=")).split("=")[1]
-        asked.append(tasks)
-        with open(out, "a") as f:
-            for task in tasks.split(","):
+    def fake_pool(jobs, start, parallel, what):  # eval_glue.py's summary for each task asked
+        asked.append((list(jobs), parallel))
+        for task in jobs:
+            args = dict(a[2:].split("=", 1) for a in map(str, start(task)[0][1:]))
+            assert args["task"] == task and args["ckpt"] == str(folder / "ckpt.pt")
+            with open(args["out"], "a") as f:
                 f.write(json.dumps({"summary": True, "task": task, "score": {"mean": 0.5}}) + "\n")
     monkeypatch.setattr(paper, "_pool", fake_pool)
+    monkeypatch.setattr(paper.os, "cpu_count", lambda: 4)
     assert paper.measure(cfg, tc, torch.device("cpu"))["glue"] == {"cola": 0.1, "sst2": 0.5, "stsb": 0.5}
-    assert asked == ["sst2,stsb"]
+    assert asked == [(["sst2", "stsb"], 2)]
     assert paper.measure(cfg, tc, torch.device("cpu"))["glue"] == {"cola": 0.1, "sst2": 0.5, "stsb": 0.5}
-    assert asked == ["sst2,stsb"]  # all three done: no fine-tuning at all
+    assert asked[1] == ([], 1)  # all three done: nothing fine-tuned
+
+
+def test_glue_tasks_run_side_by_side_as_free_memory_allows(monkeypatch):
+    cuda, n_params = torch.device("cuda"), 973_444_608     # top-k at the paper's size: 19.6 GB a task
+    for free_gib, at_once in ((80, 3), (45, 2), (30, 1), (5, 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * 2**30, 80 * 2**30))
+        assert paper.glue_at_once(cuda, n_params, 3) == at_once
+    assert paper.glue_at_once(cuda, n_params, 1) == 1
