@@ -1,16 +1,17 @@
 """Train a dense, top-k MoE, or clustered MoE GPT.  `python train.py --help` lists the flags.
 
 Owns: TrainConfig and its presets, the training loop (AdamW, warmup + cosine LR, clipping,
-accumulation, bf16 autocast, optional torch.compile), atomic checkpoints and exact resume,
-and the reclustering schedule (train as top-k for `burn_in`, then cluster + compress, then
-recluster every `recluster_interval`; the optimizer state follows the experts).
+accumulation, bf16 autocast, optional torch.compile), atomic checkpoints and exact resume (a
+Ctrl-C or SIGTERM ends the step under way and checkpoints it), and the reclustering schedule
+(train as top-k for `burn_in`, then cluster + compress, then recluster every
+`recluster_interval`; the optimizer state follows the experts).
 The loop calls its hooks on a strategy object (strategy.py's OneProcess; under torchrun,
 parallel/'s DataParallel or ExpertParallel). What a run records and prints is train_log.py's;
 flags, devices and checkpoint files are cli.py's.
 """
 # cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
-from cli import (Progress, StopAtStep, UsageError, check_out_dir, check_rules, clear_out_dir, load_model,
-                 parse_config, resolve_device, restore_rng, rng_state, run, save_atomic)
+from cli import (Progress, StopAtStep, UsageError, check_out_dir, check_rules, clear_out_dir,
+                 load_model, parse_config, resolve_device, restore_rng, rng_state, run, save_atomic)
 import math
 import os
 import sys
@@ -247,13 +248,13 @@ def make_step(runner, model, optimizer, cfg: TrainConfig, autocast, strategy, in
 
 
 def save_checkpoint(out_dir: Path, model, optimizer, cfg: TrainConfig, done: int, batch_gen,
-                    strategy, weights_only=False, interval=None) -> None:
+                    strategy, with_optimizer=True, interval=None) -> None:
     """ckpt.pt after `done` iterations (every rank gathers; rank 0 writes, atomically: the last
     good checkpoint stays until this one is whole). `interval`: the open eval interval's state."""
     model_state, optimizer_state = strategy.checkpoint_state(model, optimizer)
     rngs = strategy.all_rngs(rng_state(batch_gen))
     if strategy.master:
-        save_atomic({"model": model_state, "optimizer": None if weights_only else optimizer_state,
+        save_atomic({"model": model_state, "optimizer": optimizer_state if with_optimizer else None,
                      "config": asdict(cfg), "iter": done, "rng": rngs[0], "rng_ranks": rngs,
                      "interval": interval}, out_dir / "ckpt.pt")
 
@@ -379,7 +380,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
                     log_record(out_dir, record)
                 if save:
                     save_checkpoint(out_dir, model, optimizer, cfg, it + 1, batch_gen, strategy,
-                                    weights_only=last and cfg.final_ckpt == "weights")
+                                    with_optimizer=not (last and cfg.final_ckpt == "weights"))
                 interval.reset()
             # A Ctrl-C or SIGTERM held by `stop` ends the run here, its step checkpointed.
             if stop.requested:
