@@ -329,8 +329,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
-    # single process: a stop waits for the step's end (ranks would stop at different steps)
-    with StopAtStep(enabled=strategy.world == 1) as stop:
+    with StopAtStep(enabled=strategy.world == 1) as stop:  # ranks would stop at different steps
         for it in bar:
             progress.it = it
             # Recluster event (all ranks): optimizer state follows the experts; the first
@@ -338,8 +337,9 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
             # and the step is bound to them anew (a CUDA graph is captured again).
             if recluster_due(it, cfg):
                 t_recluster = time.perf_counter()
+                evaluates = master or strategy.everyone_evaluates
                 shock = (lambda: val_losses(model, val_tokens, cfg, device, autocast,
-                                            cfg.shock_iters)) if master or strategy.everyone_evaluates else None
+                                            cfg.shock_iters)) if evaluates else None
                 result, before, after = recluster_event(model, optimizer, cfg, it, strategy, shock)
                 if master:
                     log_recluster(out_dir, model, it, result, before, after)

@@ -248,7 +248,8 @@ def glue_scores(cfg, tc: TrainConfig, device, n_params: int) -> dict:
 
     def summary(task) -> dict | None:
         lines = out(task).read_text().splitlines() if out(task).exists() else []
-        return next((rec for rec in map(json.loads, lines) if rec.get("summary") and rec["task"] == task), None)
+        return next((rec for rec in map(json.loads, lines)
+                     if rec.get("summary") and rec["task"] == task), None)
 
     def start(task):
         args = {**flags, "task": task, "out": out(task)}

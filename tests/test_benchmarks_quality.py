@@ -135,6 +135,7 @@ def test_a_stopped_grid_checkpoints_each_run_at_its_step(tmp_path, how):
     time.sleep(0.5)  # the line is printed as the process exits
     for tc, path in zip(runs, ends):
         end = path.read_text().splitlines()[-1]
-        found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) is kept.*", end)
+        found = re.fullmatch(r"interrupted at iteration (\d+); the checkpoint of iteration (\d+) "
+                             r"is kept.*", end)
         assert found and found[1] == found[2], end
         assert torch.load(Path(tc.out_dir) / "ckpt.pt", weights_only=True)["iter"] == int(found[2])

@@ -188,7 +188,8 @@ def test_a_glue_measure_cut_short_goes_on_with_the_tasks_it_had_not_finished(tmp
     tc = paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg))[0]
     train.train(tc)
     folder = Path(tc.out_dir)
-    (folder / "glue_cola.jsonl").write_text(json.dumps({"summary": True, "task": "cola", "score": {"mean": 0.1}}))
+    cola = {"summary": True, "task": "cola", "score": {"mean": 0.1}}
+    (folder / "glue_cola.jsonl").write_text(json.dumps(cola))
     (folder / "glue_sst2.jsonl").write_text(json.dumps({"task": "sst2", "seed": 0}))  # cut before its summary
     asked = []
 
