@@ -136,13 +136,17 @@ def _pool(jobs: list, start, parallel: int, what: str, ok=lambda log_path: False
         _stop([(proc, log) for proc, log, *_ in active])
 
 
+try:  # looked up here, not in the forked child: a child of a threaded process should not dlopen
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # Linux
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
 def _stop_with_parent() -> None:
     """In a child, before it starts (Linux): SIGTERM it when the process that started it dies,
     even killed outright, where _stop cannot run; elsewhere nothing."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
 
 
 def _stop(running: list, grace_s: float = 60.0) -> None:
