@@ -226,8 +226,8 @@ def measure(cfg, tc: TrainConfig, device) -> dict:
 
 
 def glue_at_once(device, n_params: int, n_tasks: int) -> int:
-    """How many GLUE tasks fine-tune side by side: one checkpoint's fine-tuning leaves most of
-    a GPU idle, so as many as its free memory holds (weights, gradients and AdamW's two
+    """How many GLUE tasks fine-tune side by side: one fine-tuning is a small load (batches of
+    32 x 128 tokens), so as many as the free memory holds (weights, gradients and AdamW's two
     moments: 16 bytes a parameter, and 4 GiB for activations and the process)."""
     if device.type != "cuda":
         return max(1, min(n_tasks, os.cpu_count() or 1))
