@@ -57,10 +57,11 @@ class StopAtStep:
     """A loop's clean stop. Inside `with StopAtStep() as stop:` a first Ctrl-C or SIGTERM is
     held in `stop.requested` (a notice is printed) for the loop to act on where its state is
     whole, at the end of a step: checkpoint there, then `raise stop.requested`. A second one
-    is raised at once. Off (`enabled=False`, or off the main thread) signals raise as before."""
+    is raised at once. Off (`enabled=False`, or off the main thread) signals raise as before.
+    `notice=False` holds without a word (a torchrun rank other than 0)."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.requested, self._previous = enabled, None, {}
+    def __init__(self, enabled: bool = True, notice: bool = True):
+        self.enabled, self.notice, self.requested, self._previous = enabled, notice, None, {}
 
     def __enter__(self):
         if self.enabled and threading.current_thread() is threading.main_thread():
@@ -73,8 +74,9 @@ class StopAtStep:
         if self.requested is not None:
             raise stop
         self.requested = stop
-        print("\nstopping at the end of this step, to checkpoint it (again to stop at once)",
-              file=sys.stderr, flush=True)
+        if self.notice:
+            print("\nstopping at the end of this step, to checkpoint it (again to stop at once)",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():

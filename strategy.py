@@ -2,7 +2,7 @@
 
 Owns: `OneProcess`: train.py's loop calls its hooks (wrap the model, sync gradients, clip,
 sum loads over ranks, recluster and carry the optimizer, checkpoint state, wait for the other
-ranks), and on one device each does what one process does. Under torchrun
+ranks, agree on a stop), and on one device each does what one process does. Under torchrun
 parallel/ddp.py's DataParallel and parallel/ep_state.py's ExpertParallel override them. The
 idea is torchtitan's: parallelize a plain model from outside.
 Does not own: the loop and which strategy it takes (train.py), the process group and DDP
@@ -42,6 +42,9 @@ class OneProcess:
 
     def sum_over_ranks(self, tensors: list):  # in place
         pass
+
+    def any_rank(self, flag: bool) -> bool:   # whether any rank's flag is set
+        return flag
 
     def recluster(self, model, optimizer, settings: ClusterSettings, seed: int) -> Recluster:
         """regroup.recluster_model, then the optimizer state follows the experts (when

@@ -10,8 +10,9 @@ parallel/'s DataParallel or ExpertParallel). What a run records and prints is tr
 flags, devices and checkpoint files are cli.py's.
 """
 # cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
-from cli import (Progress, StopAtStep, UsageError, check_out_dir, check_rules, clear_out_dir,
-                 load_model, parse_config, resolve_device, restore_rng, rng_state, run, save_atomic)
+from cli import (Progress, StopAtStep, Terminated, UsageError, check_out_dir, check_rules,
+                 clear_out_dir, load_model, parse_config, resolve_device, restore_rng, rng_state,
+                 run, save_atomic)
 import math
 import os
 import sys
@@ -329,7 +330,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
-    with StopAtStep(enabled=strategy.world == 1) as stop:  # ranks would stop at different steps
+    with StopAtStep(notice=master) as stop:
         for it in bar:
             progress.it = it
             # Recluster event (all ranks): optimizer state follows the experts; the first
@@ -364,7 +365,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
             # Progress and the non-finite check (all ranks): one host sync per log_interval.
             last = it == cfg.max_iters - 1
             eval_now = (it + 1) % cfg.eval_interval == 0 or last
-            if (it + 1) % cfg.log_interval == 0 or eval_now:
+            log_now = (it + 1) % cfg.log_interval == 0 or eval_now
+            if log_now:
                 train_loss = (interval.loss_sum / interval.steps).item()
                 if not math.isfinite(train_loss):
                     raise diverged(out_dir, it, train_loss, master)
@@ -382,12 +384,13 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
                     save_checkpoint(out_dir, model, optimizer, cfg, it + 1, batch_gen, strategy,
                                     with_optimizer=not (last and cfg.final_ckpt == "weights"))
                 interval.reset()
-            # A Ctrl-C or SIGTERM held by `stop` ends the run here, its step checkpointed.
-            if stop.requested:
+            # A Ctrl-C or SIGTERM held by `stop` ends the run here, its step checkpointed. Ranks
+            # stop at one step: they agree at log steps, and one rank's stop is every rank's.
+            if (strategy.world == 1 or log_now) and strategy.any_rank(stop.requested is not None):
                 if not (eval_now and save):
                     save_checkpoint(out_dir, model, optimizer, cfg, it + 1, batch_gen, strategy,
                                     interval=interval.state())
-                raise stop.requested
+                raise stop.requested or Terminated()
     if cfg.sample_tokens and (master or strategy.everyone_evaluates):  # a taste of the model
         text = sample_text(model, cfg, device, autocast)
         print(text if master else "", end="")

@@ -38,6 +38,11 @@ class DataParallel(OneProcess):
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(part.view_as(t))
 
+    def any_rank(self, flag: bool) -> bool:
+        flags = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags.item())
+
     def recluster(self, model, optimizer, settings, seed: int) -> Recluster:
         # Every rank regroups from rank 0's statistics, so every replica regroups alike.
         for layer in model.moe_layers():

@@ -1,11 +1,14 @@
 """train.py --expert_parallel: one step's gradients (and clipping) on W CPU processes (gloo)
 against one process, and torchrun end to end: the checkpoint is a full single-process model,
-and 2 + resume 2 iterations equal 4."""
+2 + resume 2 iterations equal 4, and a stopped run resumes as if unbroken."""
 import copy
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,16 +100,22 @@ CLUSTERED = ["--moe=clustered", "--n_clusters=2", "--rank=2", "--burn_in=1",
              "--recluster_interval=1", "--probe_tokens=16", "--balance=bias", "--bias_rate=0.01"]
 
 
-def _torchrun(out, *extra):
+def _torchrun_command(out, *extra) -> list[str]:
     args = ["--n_layer=2", "--n_head=2", "--n_embd=16", "--ffn_hidden=16", "--n_experts=4",
             "--block_size=16", "--batch_size=2", "--moe=topk", "--dropout=0", "--device=cpu",
             "--sample_tokens=0",
             "--expert_parallel=2", "--eval_interval=2", "--eval_iters=1", "--warmup_iters=1",
             "--lr_decay_iters=4", "--lr=3e-3", f"--out_dir={out}", f"--data_dir={out.parent / 'data'}"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "train.py", *args, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "train.py", *args, *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(out, *extra):
+    result = subprocess.run(_torchrun_command(out, *extra), cwd=ROOT, capture_output=True,
+                            text=True, env=ENV, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -137,6 +146,37 @@ def test_torchrun_checkpoint_is_full_and_resume_is_exact(tmp_path, moe):
     optimizer.load_state_dict(ckpt["optimizer"])
     params = [p for group in optimizer.param_groups for p in group["params"]]
     assert [optimizer.state[p]["exp_avg"].shape for p in params] == [p.shape for p in params]
+
+
+def test_a_stopped_torchrun_checkpoints_one_step_on_every_rank_and_resumes_as_if_unbroken(tmp_path):
+    """Ctrl-C reaches torchrun, which sends each rank a SIGINT, at slightly different steps:
+    the ranks agree at the next log step, checkpoint that step (with the eval interval's sums)
+    and stop; the resumed run then ends where an unbroken one does, weights and log alike."""
+    schedule = ["--eval_interval=8", "--log_interval=3", "--lr_decay_iters=40"]
+    cut = tmp_path / "cut"
+    process = subprocess.Popen(_torchrun_command(cut, *schedule, "--max_iters=100000"), cwd=ROOT,
+                               text=True, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (cut / "ckpt.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    at = torch.load(cut / "ckpt.pt", weights_only=True)["iter"]
+    assert at > 8 and (at % 3 == 0 or at % 8 == 0), stderr[-3000:]   # a log step after the first
+    assert stderr.count("stopping at the end of this step") == 1       # rank 0's notice
+    assert f"interrupted at iteration {at}; the checkpoint of iteration {at} is kept" in stderr
+    end = 8 * (at // 8 + 2)
+    _torchrun(cut, *schedule, f"--max_iters={end}", "--resume")
+    _torchrun(tmp_path / "whole", *schedule, f"--max_iters={end}")
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("cut", "whole"))
+    assert a["iter"] == b["iter"] == end
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    timings = {"time", "tokens_per_sec", "mfu", "recluster_s"}
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in timings}
+             for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("cut", "whole")]
+    assert len(logs[1]) == end // 8 and logs[0] == logs[1]
 
 
 def test_config_errors():
