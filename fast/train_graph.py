@@ -53,27 +53,29 @@ class GraphedTrainStep:
             p.grad = None
 
     def __call__(self, batches):
+        # Warm-up, capture and replay all read the same input tensors: a compiled model guards
+        # on its inputs' strides, and one that recompiled inside the capture would fail there.
+        if self.static is None:
+            self.static = [(x.clone(), y.clone()) for x, y in batches]
+        for (sx, sy), (x, y) in zip(self.static, batches):
+            sx.copy_(x)
+            sy.copy_(y)
         if self.graph is None and self.eager_left > 0:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             # The step accumulates into .grad: a replaced graph's last gradients must not join in.
             self._clear_grads()
             with torch.cuda.stream(side):
-                self.step_fn(batches)
+                self.step_fn(self.static)
                 self._clear_grads()
             torch.cuda.current_stream().wait_stream(side)
             self.eager_left -= 1
             return
         if self.graph is None:
-            self.static = [(x.clone(), y.clone()) for x, y in batches]
             self._clear_grads()  # gradients are born inside the graph's memory pool
-            self.graph = None    # the old graph's pool is released before the new capture
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.step_fn(self.static)
             self.captures += 1
-        for (sx, sy), (x, y) in zip(self.static, batches):
-            sx.copy_(x)
-            sy.copy_(y)
         self.graph.replay()

@@ -38,7 +38,9 @@ def test_step_profile_buckets_a_whole_train_step_by_kernel_kind():
     assert bucket("something new") == "other"
     tiny = TrainConfig(n_layer=1, n_head=2, n_embd=16, ffn_hidden=32, block_size=8, batch_size=2,
                        n_experts=4, top_k=2, vocab_size=64, device="cpu")
-    dense, topk = (profile_step(replace(tiny, moe=moe), torch.device("cpu"), steps=1)[0] for moe in ("dense", "topk"))
+    (dense, _, _), (topk, _, ops) = (profile_step(replace(tiny, moe=moe), torch.device("cpu"), steps=1)
+                                     for moe in ("dense", "topk"))
+    assert any(name.startswith("aten::sort [[") for name in ops)  # top-k's sort, with its shapes
     assert dense["matmul"] > 0 and dense["optimizer (AdamW, clip)"] > 0
     assert "sort, top-k, cumsum" not in dense and topk["sort, top-k, cumsum"] > 0  # top-k's sort of slots
 
@@ -48,13 +50,20 @@ def test_step_profile_counts_each_cuda_kernel_once():
 
     from torch.autograd import DeviceType
 
-    from results.speed.step_profile import bucket_times
+    from results.speed.step_profile import bucket_times, operator_times
     # An operator and the kernel it launched both report the kernel's 4 ms as self device time.
-    op = SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=4000, self_cpu_time_total=50)
+    op = SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=4000,
+                         self_cpu_time_total=50, input_shapes=[[8, 4], [4, 2]])
     kernel = SimpleNamespace(key="nvjet_tst_128x256", device_type=DeviceType.CUDA, self_device_time_total=4000,
                              self_cpu_time_total=0)
-    assert bucket_times([op, kernel], cuda=True, steps=2) == {"matmul": 2.0}
+    # AdamW's step is a record_function range, which the GPU's timeline shows as well.
+    annotation = SimpleNamespace(key="Optimizer.step#AdamW.step", device_type=DeviceType.CUDA,
+                                 self_device_time_total=4000, self_cpu_time_total=0, is_user_annotation=True)
+    assert bucket_times([op, kernel, annotation], cuda=True, steps=2) == {"matmul": 2.0}
     assert bucket_times([op, kernel], cuda=False, steps=2) == {"matmul": 0.025}
+    cpu_range = SimpleNamespace(**{**vars(annotation), "device_type": DeviceType.CPU, "input_shapes": []})
+    assert operator_times([op, kernel, annotation, cpu_range], cuda=True, steps=2) == \
+        {"aten::mm [[8, 4], [4, 2]]": 2.0}
 
 
 def test_step_profile_refuses_an_unknown_flag_in_one_line():

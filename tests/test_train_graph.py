@@ -1,6 +1,7 @@
 """fast/train_graph.py: on CUDA the graphed train step trains as the eager one (losses and
 parameters) for dense, top-k and clustered models (across a first clustering and two
-reclusters), eager or compiled kernels, and captures once per stretch between resets."""
+reclusters), eager or compiled kernels, and captures once per stretch between resets, a
+compiled model without compiling again."""
 import json
 
 import pytest
@@ -55,6 +56,22 @@ def test_graphed_step_trains_as_the_eager_one(tmp_path, moe, compile, impl):
         torch.testing.assert_close(graphed[key], eager[key], rtol=1e-4, atol=1e-6, msg=key)
     if moe != "dense":  # the balancing biases moved inside the graph too
         assert graphed["blocks.0.ffn.expert_bias"].any()
+
+
+@cuda
+def test_a_compiled_model_is_captured_without_compiling_again():
+    """bench's models section feeds views of one token tensor, whose strides the capture's
+    contiguous copies lack: warm-up and capture read the same copies, so the compiled model
+    compiles once, in warm-up (compiling inside a capture fails)."""
+    from benchmarks.layers import train_step_fn
+    tc = parse_config(TrainConfig, TINY + ["--moe=topk", "--compile", "--cuda_graph"])
+    step, model, _ = train_step_fn(tc, torch.device("cuda"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(4):  # two warm-up steps, the capture, a replay
+            step()
+    torch.cuda.synchronize()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_what_a_graph_cannot_hold_is_refused():

@@ -48,8 +48,9 @@ def event_times(events, cuda: bool, steps: int) -> dict[str, float]:
     times = defaultdict(float)
     for event in events:
         # On CUDA only the kernels themselves: an operator's self device time is its kernels'
-        # time again, so counting operators too would count every kernel twice.
-        if cuda and event.device_type != DeviceType.CPU:
+        # time again, and a range on the GPU's timeline (record_function, as AdamW's step
+        # makes) spans its kernels, so counting either would count those kernels twice.
+        if cuda and event.device_type != DeviceType.CPU and not getattr(event, "is_user_annotation", False):
             times[event.key] += event.self_device_time_total / 1e3 / steps
         elif not cuda and not event.key.startswith(("ProfilerStep", "aten::to")):
             times[event.key] += event.self_cpu_time_total / 1e3 / steps
@@ -64,9 +65,23 @@ def bucket_times(events, cuda: bool, steps: int) -> dict[str, float]:
     return dict(totals)
 
 
-def profile_step(tc: TrainConfig, device, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+def operator_times(events, cuda: bool, steps: int) -> dict[str, float]:
+    """Events grouped by input shape -> {"operator [shapes]": ms per step}: each operator's
+    own kernels' time on CUDA (which op, at which shapes, a copy kernel came from), its
+    operator time on CPU."""
+    from torch.autograd import DeviceType
+    times = defaultdict(float)
+    for event in events:
+        if event.device_type == DeviceType.CPU and not getattr(event, "is_user_annotation", False):
+            us = event.self_device_time_total if cuda else event.self_cpu_time_total
+            times[f"{event.key} {event.input_shapes}"] += us / 1e3 / steps
+    return {name: ms for name, ms in times.items() if ms > 0}
+
+
+def profile_step(tc: TrainConfig, device, steps: int) -> tuple[dict[str, float], dict[str, float],
+                                                                 dict[str, float]]:
     """-> ({bucket: device ms per step} (CPU: operator ms), plus 'whole step' (wall ms);
-    {kernel or operator name: ms per step})."""
+    {kernel or operator name: ms per step}; {operator and its input shapes: ms per step})."""
     from torch.profiler import ProfilerActivity, profile
     free_memory(device)
     step, _, _ = train_step_fn(tc, device)
@@ -77,7 +92,7 @@ def profile_step(tc: TrainConfig, device, steps: int) -> tuple[dict[str, float],
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         if cuda:
             start.record()
         for _ in range(steps):
@@ -87,9 +102,10 @@ def profile_step(tc: TrainConfig, device, steps: int) -> tuple[dict[str, float],
         sync()
     events = prof.key_averages()
     totals, names = bucket_times(events, cuda, steps), event_times(events, cuda, steps)
+    ops = operator_times(prof.key_averages(group_by_input_shape=True), cuda, steps)
     if cuda:
         totals["whole step"] = start.elapsed_time(end) / steps
-    return totals, names  # the model goes with this frame; the next call frees the memory first
+    return totals, names, ops  # the model goes with this frame; the next call frees the memory first
 
 
 def main(argv: list[str]) -> None:
@@ -108,11 +124,11 @@ def main(argv: list[str]) -> None:
     base.batch_size = int(flags.get("batch_size") or base.batch_size)
     micro = base.batch_size * base.block_size
     accum = max(1, int(flags.get("tokens_per_step", 32768)) // micro)
-    rows, names = {}, {}
+    rows, names, ops = {}, {}, {}
     for moe in models:
         tc = replace(base, moe=moe, grad_accum=accum, compile="compile" in flags and device.type == "cuda",
                      cuda_graph="cuda_graph" in flags and device.type == "cuda")
-        rows[moe], names[moe] = profile_step(tc, device, int(flags.get("steps", 3)))
+        rows[moe], names[moe], ops[moe] = profile_step(tc, device, int(flags.get("steps", 3)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (operator time)"
     print(f"ms a step by kernel kind: --preset={preset}, {micro * accum} tokens a step "
           f"({base.batch_size} x {base.block_size} x {accum}), {' '.join(f'--{k}' + ('' if v is None else f'={v}') for k, v in flags.items())}; {name}, "
@@ -127,6 +143,8 @@ def main(argv: list[str]) -> None:
     for m in models:  # what each bucket holds, for checking the name patterns
         print(f"\nlargest kernels, {m}: " + "; ".join(f"{ms:.2f} ms [{bucket(n)}] {n[:100]}" for n, ms in
                                                       sorted(names[m].items(), key=lambda kv: -kv[1])[:10]))
+        print(f"\nlargest operators, {m} (their own kernels' time, by input shapes): " + "; ".join(
+            f"{ms:.2f} ms {n[:160]}" for n, ms in sorted(ops[m].items(), key=lambda kv: -kv[1])[:15]))
 
 
 if __name__ == "__main__":
