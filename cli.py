@@ -58,10 +58,13 @@ class StopAtStep:
     held in `stop.requested` (a notice is printed) for the loop to act on where its state is
     whole, at the end of a step: checkpoint there, then `raise stop.requested`. A second one
     is raised at once. Off (`enabled=False`, or off the main thread) signals raise as before.
-    `notice=False` holds without a word (a torchrun rank other than 0)."""
+    `notice=False` holds without a word (a torchrun rank other than 0); `ranks` > 1 says that
+    the ranks stop together at a later step (torchrun's own second signal is a kill)."""
 
-    def __init__(self, enabled: bool = True, notice: bool = True):
+    def __init__(self, enabled: bool = True, notice: bool = True, ranks: int = 1):
         self.enabled, self.notice, self.requested, self._previous = enabled, notice, None, {}
+        self.line = ("stopping at the end of this step, to checkpoint it (again to stop at once)"
+                     if ranks == 1 else "stopping at the next log step, where every rank checkpoints it")
 
     def __enter__(self):
         if self.enabled and threading.current_thread() is threading.main_thread():
@@ -75,8 +78,7 @@ class StopAtStep:
             raise stop
         self.requested = stop
         if self.notice:
-            print("\nstopping at the end of this step, to checkpoint it (again to stop at once)",
-                  file=sys.stderr, flush=True)
+            print("\n" + self.line, file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():

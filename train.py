@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
-    with StopAtStep(notice=master) as stop:
+    with StopAtStep(notice=master, ranks=strategy.world) as stop:
         for it in bar:
             progress.it = it
             # Recluster event (all ranks): optimizer state follows the experts; the first

@@ -164,7 +164,7 @@ def test_a_stopped_torchrun_checkpoints_one_step_on_every_rank_and_resumes_as_if
     stderr = process.communicate(timeout=120)[1]
     at = torch.load(cut / "ckpt.pt", weights_only=True)["iter"]
     assert at > 8 and (at % 3 == 0 or at % 8 == 0), stderr[-3000:]   # a log step after the first
-    assert stderr.count("stopping at the end of this step") == 1       # rank 0's notice
+    assert stderr.count("stopping at the next log step, where every rank checkpoints it") == 1  # rank 0's
     assert f"interrupted at iteration {at}; the checkpoint of iteration {at} is kept" in stderr
     end = 8 * (at // 8 + 2)
     _torchrun(cut, *schedule, f"--max_iters={end}", "--resume")
