@@ -2,8 +2,9 @@
 
 Owns: `MoE` (route -> dispatch -> record), its state as parameters and buffers so a checkpoint
 captures everything (router rows, the bank, the cluster router once clustered, running loads,
-each expert's mean input, a probe of recent inputs, the balancing biases), the bias update
-after each step (`balance_step`), and its two shapes: top-k, or clustered (`make_clustered`).
+the balancing biases, and for clustered models what regrouping reads: each expert's mean
+input and a probe of recent inputs), the bias update after each step (`balance_step`), and
+its two shapes: top-k, or clustered (`make_clustered`).
 Also the hooks the machinery plugs into: `dispatch` (expert parallelism replaces it) and an
 offloader attached with `attach_offload` (offload.py).
 Does not own: routing math (router.py), expert compute (experts.py), how its experts are
@@ -134,6 +135,7 @@ class MoE(nn.Module):
         if self.training:
             self.step_counts.add_(routing.expert_counts)
             self.step_cluster_counts.add_(self.cluster_counts)
+        if self.training and self.cfg.moe == "clustered":  # what regrouping reads; top-k never regroups
             # Mean input routed to each expert, as one small matmul (no scatter), then an EMA;
             # experts that got no token this step keep their old mean.
             dispatch = torch.zeros(x.shape[0], self.router.out_features, device=x.device,

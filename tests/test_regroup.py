@@ -107,6 +107,19 @@ def test_probe_keeps_recent_inputs_in_a_ring_during_training_only():
     assert int(layer.probe_seen) == n + 40
 
 
+def test_a_top_k_model_keeps_no_clustering_statistics_and_its_loads_still():
+    """Mean inputs and the probe are what regrouping reads: a top-k layer, which never
+    regroups, does not compute them; its loads (for balancing) it records as before."""
+    from moe import MoE
+    cfg = GPTConfig(moe="topk", n_embd=8, ffn_hidden=8, n_experts=8, balance="bias")
+    layer = MoE(cfg)
+    init_weights(layer, n_layer=1)
+    layer.train()
+    layer(torch.randn(2, 50, 8))
+    assert not layer.input_mean.any() and not layer.probe.any() and int(layer.probe_seen) == 0
+    assert layer.step_counts.sum() == 2 * 50 * cfg.top_k
+
+
 # A planted structure: G families of 4 experts. Experts of a family have weights near the
 # family's W1, W2 and router rows pointing at the family's tokens, N(mu_f, I). Families are
 # interleaved over the slots, so the first clustering has to find them.
