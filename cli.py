@@ -57,17 +57,17 @@ class StopAtStep:
     """A loop's clean stop. Inside `with StopAtStep() as stop:` a first Ctrl-C or SIGTERM is
     held in `stop.requested` (a notice is printed) for the loop to act on where its state is
     whole, at the end of a step: checkpoint there, then `raise stop.requested`. A second one
-    is raised at once. Off (`enabled=False`, or off the main thread) signals raise as before.
+    is raised at once. Off the main thread (which alone may take signals) it holds nothing.
     `notice=False` holds without a word (a torchrun rank other than 0); `ranks` > 1 says that
     the ranks stop together at a later step (torchrun's own second signal is a kill)."""
 
-    def __init__(self, enabled: bool = True, notice: bool = True, ranks: int = 1):
-        self.enabled, self.notice, self.requested, self._previous = enabled, notice, None, {}
+    def __init__(self, notice: bool = True, ranks: int = 1):
+        self.notice, self.requested, self._previous = notice, None, {}
         self.line = ("stopping at the end of this step, to checkpoint it (again to stop at once)"
                      if ranks == 1 else "stopping at the next log step, where every rank checkpoints it")
 
     def __enter__(self):
-        if self.enabled and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._hold)
                               for s in (signal.SIGINT, signal.SIGTERM)}
         return self
