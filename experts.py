@@ -107,22 +107,28 @@ def resolve_combine(impl: str, device):
 
 
 class _PermuteRows(torch.autograd.Function):
-    """x[perm] whose backward is the gather g[inverse]. Plain indexing would backpropagate
-    through index_put_(accumulate=True), which sorts the indices again."""
+    """Row s of the result is row perm[s] // k of x: x[perm] for k = 1, and for k > 1 the
+    k slots of each token read straight from x (no (N*k, d) copy of x first). Its backward is
+    the gather g[inverse] (summed over each token's k slots). Plain indexing would
+    backpropagate through index_put_(accumulate=True), which sorts the indices again."""
 
     @staticmethod
-    def forward(ctx, x, perm, inverse):
+    def forward(ctx, x, perm, inverse, k):
         ctx.save_for_backward(inverse)
-        return x[perm]
+        ctx.k = k
+        return x[perm // k] if k > 1 else x[perm]
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        grad = grad[inverse]
+        if ctx.k > 1:
+            grad = grad.view(-1, ctx.k, grad.shape[-1]).sum(1)
+        return grad, None, None, None
 
 
-def permute_rows(x, perm, inverse):
-    return _PermuteRows.apply(x, perm, inverse)
+def permute_rows(x, perm, inverse, k: int = 1):
+    return _PermuteRows.apply(x, perm, inverse, k)
 
 
 def _sort_rows(group_of_row: torch.Tensor, n_groups: int):
@@ -155,9 +161,7 @@ class ExpertBank(nn.Module):
         n_experts = w1.shape[0]
         flat = routing.expert_idx.flatten()                              # (N*k,) token-slot order
         order, inverse, offs = _sort_rows(flat, n_experts)
-        x = in_compute_dtype(x)
-        slots = x.unsqueeze(1).expand(-1, k, -1).reshape(n_tokens * k, x.shape[-1])
-        xs = permute_rows(slots, order, inverse)                         # (N*k, d) by expert
+        xs = permute_rows(in_compute_dtype(x), order, inverse, k)        # (N*k, d) by expert
         out = self.matmul(gelu(self.matmul(xs, w1, offs)), w2, offs)
         out = permute_rows(out, inverse, order).view(n_tokens, k, out.shape[-1])  # token order
         gates = routing.gates

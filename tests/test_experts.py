@@ -94,6 +94,23 @@ def test_expert_bank_matches_brute_force():
                                _reference(x, routing, bank.w1, bank.w2))
 
 
+def test_expert_bank_gradients_match_brute_force():
+    """Each token's k slots are read from x directly; their gradients must still sum back."""
+    torch.manual_seed(3)
+    bank = _expert_bank(6, 8, 12, 0.1)
+    x = torch.randn(30, 8, requires_grad=True)
+    logits = torch.randn(30, 6, requires_grad=True)
+    grad_out = torch.randn(30, 8)
+    grads = []
+    for forward in (bank, lambda x, r: _reference(x, r, bank.w1, bank.w2)):
+        (forward(x, topk_route(logits, 3)) * grad_out).sum().backward()
+        grads.append([t.grad.clone() for t in (x, logits, bank.w1, bank.w2)])
+        for t in (x, logits, bank.w1, bank.w2):
+            t.grad = None
+    for fast, slow in zip(*grads):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
 def test_expert_bank_capacity_drops_overflow_slots():
     torch.manual_seed(0)
     bank = _expert_bank(4, 8, 8, 0.1, capacity_factor=0.5)
