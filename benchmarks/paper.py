@@ -77,7 +77,18 @@ def base_config(cfg, device) -> TrainConfig:
     return TrainConfig(**{**size, "preset": cfg.paper_size, "grad_accum": 2 if cfg.smoke else cfg.tokens_per_step // micro,
                           "dataset": cfg.dataset, "data_dir": cfg.data_dir, "eval_iters": r["eval_iters"],
                           "seed": cfg.seed, "sample_tokens": 0, "final_ckpt": "weights",
-                          "device": str(device), "compile": device.type == "cuda"})
+                          "device": str(device), **step_flags(cfg.paper_step, device)})
+
+
+STEPS = ("compiled", "graphed", "compiled+graphed")
+
+
+def step_flags(step: str, device) -> dict:
+    """--paper_step -> train.py's compile and cuda_graph (both off on a CPU)."""
+    if step not in STEPS:
+        raise ValueError(f"paper_step must be one of {', '.join(STEPS)}, got {step!r}")
+    cuda = device.type == "cuda"
+    return {"compile": cuda and "compiled" in step, "cuda_graph": cuda and "graphed" in step}
 
 
 def keep_dir(cfg) -> Path:
@@ -301,8 +312,9 @@ def train_missing(cfg, device) -> None:
 
 
 def speed_alone(cfg, keep: Path, device) -> None:
-    """Each model's train step alone on this GPU (its final config, random tokens, compiled on
-    CUDA): tokens/s, MFU, peak MiB; kept in speed.json by device name, measured once per GPU."""
+    """Each model's train step alone on this GPU (its final config, random tokens, the step as
+    --paper_step takes it): tokens/s, MFU, peak MiB; kept in speed.json by device name,
+    measured once per GPU."""
     path = keep / "speed.json"
     speeds = json.loads(path.read_text()) if path.exists() else {}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -310,7 +322,8 @@ def speed_alone(cfg, keep: Path, device) -> None:
         return
     speeds[name] = {}
     for tc in (tc for tc in planned(cfg, device, keep) if tc.out_dir.endswith("_s0")):
-        speeds[name][tc.moe] = train_speed(tc, device, cfg.repeats, cfg.warmup, peak_flops(device))
+        speeds[name][tc.moe] = {**train_speed(tc, device, cfg.repeats, cfg.warmup, peak_flops(device)),
+                                 "step": cfg.paper_step}
     path.write_text(json.dumps(speeds, indent=1))
 
 

@@ -1,5 +1,6 @@
 """bench.py --sections=paper: built in parts, each finished run kept, nothing trained twice."""
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,26 @@ def test_glue_tasks_run_side_by_side_as_free_memory_allows(monkeypatch):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * 2**30, 80 * 2**30))
         assert paper.glue_at_once(cuda, n_params, 3) == at_once
     assert paper.glue_at_once(cuda, n_params, 1) == 1
+
+
+def test_how_runs_take_a_step_sets_train_flags_and_a_kept_run_of_another_step_is_reused(tmp_path):
+    cuda = torch.device("cuda")  # planning only: nothing runs on it
+    flags = {}
+    for step in paper.STEPS:
+        cfg = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"), paper_step=step)
+        flags[step] = {(tc.compile, tc.cuda_graph) for tc in paper.planned(cfg, cuda, paper.keep_dir(cfg))}
+    assert flags == {"compiled": {(True, False)}, "graphed": {(False, True)},
+                     "compiled+graphed": {(True, True)}}
+    cpu = paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg))
+    assert {(tc.compile, tc.cuda_graph) for tc in cpu} == {(False, False)}
+    # A sweep run kept from compiled steps counts as done for a graphed plan: the same math.
+    keep = paper.keep_dir(cfg)
+    _sweep_run(keep, "dense", 3e-4, 300)
+    compiled = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"))
+    kept = next(tc for tc in paper.planned(compiled, cuda, keep) if tc.out_dir.endswith("dense_lr0.0003"))
+    assert kept.compile and not kept.cuda_graph
+    (keep / "sweep" / "dense_lr0.0003" / "config.json").write_text(json.dumps({"config": asdict(kept)}))
+    graphed = [tc for tc in paper.planned(cfg, cuda, keep) if tc.out_dir.endswith("dense_lr0.0003")]
+    assert graphed[0].cuda_graph and paper.done_in(keep, graphed[0])
+    with pytest.raises(ValueError, match="paper_step must be one of compiled, graphed, compiled\\+graphed, got 'fast'"):
+        paper.planned(bench.BenchConfig(paper_step="fast"), cuda, keep)
