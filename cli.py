@@ -9,8 +9,8 @@ error), `run` (an entry point's errors in its input, and Ctrl-C or SIGTERM, beco
 it), `resolve_device`, `save_atomic` (temp file + rename, so a crash, a full disk or Ctrl-C
 never leaves a half-written checkpoint), reading checkpoints safely
 (`weights_only=True`: a checkpoint from elsewhere cannot run code; older field names are
-upgraded) into a GPT, and the run's out_dir (what --resume continues: the checkpoint's
-config, with only the flags that may change).
+upgraded) into a GPT, and the run's out_dir (one run at a time holds it; what --resume
+continues: the checkpoint's config, with only the flags that may change).
 Does not own: any config's fields (each entry point's dataclass) or the training loop.
 """
 import os
@@ -18,6 +18,7 @@ import os
 # (measured: docs/results.md, the first run). OpenMP reads it once, as torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import fcntl
 import inspect
 import re
 import shutil
@@ -280,13 +281,17 @@ RESUMABLE = ("max_iters", "lr", "min_lr", "warmup_iters", "lr_decay_iters", "eva
 
 
 def check_out_dir(cfg, may_change=RESUMABLE) -> None:
-    """Before any work, for a training config: a fresh run never lands on another's checkpoint
-    (a run stopped before its first one has nothing to resume: a fresh run replaces it).
+    """Before any work, for a training config: no run still going holds out_dir; a fresh run
+    never lands on another's checkpoint (a run stopped before its first one has nothing to
+    resume: a fresh run replaces it).
     --resume continues the checkpoint's run: cfg takes the checkpoint's config, but for the
     flags given (given_flags) in `may_change`; another flag given that contradicts it is refused."""
     out, path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if (out / OutDirClaim.NAME).exists():
+        with OutDirClaim(out, probe=True):  # refused here if a run still holds it
+            pass
     if path.exists() and not (cfg.resume or cfg.overwrite):
         held = [name for name in RUN_FILES if (out / name).exists()]
         raise ValueError(f"{out} holds a run ({', '.join(held)}); pass --resume to continue it "
@@ -317,16 +322,52 @@ def check_out_dir(cfg, may_change=RESUMABLE) -> None:
                          f"{cfg.max_iters}: nothing to do; pass a larger --max_iters to go on")
 
 
-def clear_out_dir(out_dir, fresh: bool) -> None:
-    """Create out_dir; a fresh run first removes an earlier run's files (--overwrite, or a run
-    stopped before its first checkpoint), so logs never mix."""
+class OutDirClaim:
+    """One training run's hold on its out_dir, from before its files are touched until its
+    loop ends: a second train.py there (another terminal, a rerun with --resume or
+    --overwrite) is refused while this one runs, rather than both writing one run's files.
+    An OS lock (flock) on a file in out_dir, so a run that dies, however it dies, lets go."""
+
+    NAME = ".train.lock"
+
+    def __init__(self, out_dir, probe: bool = False):
+        """probe: only ask (refused if held), and write nothing."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / self.NAME, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            pid = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UsageError(f"{out} is in use by a training run still going (pid {pid}); wait "
+                             f"for it, stop it (Ctrl-C checkpoints its step), or choose another "
+                             f"--out_dir") from None
+        if not probe:  # what a refused run names
+            self.file.truncate(0)
+            self.file.write(str(os.getpid()))
+            self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # which lets go of the lock
+
+
+def claim_out_dir(out_dir, fresh: bool) -> OutDirClaim:
+    """Claim out_dir (OutDirClaim: refused while another run holds it); a fresh run then
+    removes an earlier run's files (--overwrite, or a run stopped before its first
+    checkpoint), so logs never mix. Hold the claim for as long as the run writes there."""
+    claim = OutDirClaim(out_dir)
     out = Path(out_dir)
     old = [name for name in RUN_FILES if fresh and (out / name).exists()]
     if old and not (out / "ckpt.pt").exists():
         print(f"{out}: replacing a run stopped before its first checkpoint ({', '.join(old)})")
     for name in old:
         (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    return claim
 
 
 @dataclass

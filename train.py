@@ -11,7 +11,7 @@ flags, devices and checkpoint files are cli.py's.
 """
 # cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
 from cli import (Progress, StopAtStep, Terminated, UsageError, check_out_dir, check_rules,
-                 clear_out_dir, load_model, parse_config, resolve_device, restore_rng, rng_state,
+                 claim_out_dir, load_model, parse_config, resolve_device, restore_rng, rng_state,
                  run, save_atomic)
 import math
 import os
@@ -296,8 +296,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     torch.manual_seed(cfg.seed + strategy.rank)
     out_dir = Path(cfg.out_dir)
     train_tokens, val_tokens, meta = load_data(cfg, strategy)  # a bad dataset stops us here
-    if master:
-        clear_out_dir(out_dir, fresh=not cfg.resume)
+    claim = claim_out_dir(out_dir, fresh=not cfg.resume) if master else nullcontext()
 
     # Model, optimizer and RNG streams (all ranks): fresh, or where the checkpoint left them.
     batch_gen = torch.Generator().manual_seed(cfg.seed + strategy.rank)
@@ -330,7 +329,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict:
     step = make_step(runner, model, optimizer, cfg, autocast, strategy, interval)
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters,
                disable=not master, dynamic_ncols=True)
-    with StopAtStep(notice=master, ranks=strategy.world) as stop:
+    with claim, StopAtStep(notice=master, ranks=strategy.world) as stop:
         for it in bar:
             progress.it = it
             # Recluster event (all ranks): optimizer state follows the experts; the first

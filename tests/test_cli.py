@@ -370,3 +370,42 @@ def test_a_bad_flag_is_named_even_where_out_holds_the_quick_run(tmp_path):
                            f"--out_dir={out}"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 1 and "divisible by n_head" in done.stderr, done.stderr
     assert (out / "ckpt.pt").read_bytes() == b"a run"
+
+
+def _started(args, out: Path, after: str) -> subprocess.Popen:
+    """train.py running, once `after` appears in out."""
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / after).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None
+    return process
+
+
+def test_a_second_run_in_an_out_dir_in_use_is_refused_whatever_its_flags(run_dir, tmp_path):
+    """A run still going, before its first checkpoint or after: a second train.py there (the
+    same command, --overwrite, --resume) is one line and removes nothing; once the first is
+    killed, however it dies, the folder is free again."""
+    out, data = tmp_path / "busy", f"--data_dir={run_dir / 'data'}"
+    flags = [*TINY, f"--out_dir={out}", data, "--max_iters=100000"]
+    busy = f"{out} is in use by a training run still going (pid "
+    first = _started([*flags, "--eval_interval=100000"], out, "config.json")  # no checkpoint yet
+    try:
+        for extra in ([], ["--overwrite"]):
+            _one_line_error(_run("train.py", *flags, *extra), busy + f"{first.pid})")
+            assert (out / "config.json").exists() and first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    first = _started([*flags, "--eval_interval=5"], out, "ckpt.pt")  # the folder is free again
+    try:
+        _one_line_error(_run("train.py", "--resume", f"--out_dir={out}"), busy + f"{first.pid})")
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    kept = torch.load(out / "ckpt.pt", weights_only=True)["iter"]
+    again = _run("train.py", "--resume", f"--out_dir={out}", f"--max_iters={kept + 5}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == kept + 5
