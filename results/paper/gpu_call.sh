@@ -11,8 +11,10 @@
 # logs.tgz holds every run's small files, kept or not (no checkpoints): a machine that goes cold
 # loses the checkpoints, never the logs.
 set -u
-# nothing left running from an earlier call (SIGTERM: each run stops at its last checkpoint)
-pkill -f "bench.py --sections=paper"; pkill -f "/train.py --" && sleep 10
+# nothing left running from an earlier call (SIGTERM: each run checkpoints its step and stops;
+# a run still holding its out_dir would refuse the next call's resume of it)
+pkill -f "bench.py --sections=paper"; pkill -f "/train.py --"
+for i in $(seq 120); do pgrep -f "bench.py --sections=paper|/train.py --" > /dev/null || break; sleep 1; done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
 python -c "import torch; print(torch.__version__)" | tee -a $OUT/gpu.txt
 if [ ! -f /tmp/enwiki/val.bin ]; then
