@@ -13,7 +13,8 @@ fine-tuned with the clusters it was saved with (cluster.py is not imported).
 Usage: python eval_glue.py --ckpt=out/ckpt.pt --task=sst2 (or cola,stsb; all --download; staged)
 """
 # cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
-from cli import UsageError, check_rules, load_model, parse_config, resolve_device, run
+from cli import UsageError, check_rules, parse_config, resolve_device, run
+from checkpoint import load_model
 import copy
 import json
 import math

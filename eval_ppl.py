@@ -10,7 +10,8 @@ a sliding window; it is the same rule for every file and checkpoint.
 Does not own: models and checkpoints (train.py), tokenization (data.py).
 """
 # cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
-from cli import UsageError, check_rules, load_model, parse_config, resolve_device, run
+from cli import UsageError, check_rules, parse_config, resolve_device, run
+from checkpoint import load_model
 import math
 import sys
 from contextlib import nullcontext

@@ -9,7 +9,8 @@ Nothing else: the KV cache is model.py's, quantization quant.py's, the cluster c
 its next-layer predictor offload.py's.
 """
 # cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
-from cli import check_rules, load_model, parse_config, resolve_device, run
+from cli import check_rules, parse_config, resolve_device, run
+from checkpoint import load_model
 import sys
 import time
 from contextlib import nullcontext

@@ -7,12 +7,12 @@ Ctrl-C or SIGTERM ends the step under way and checkpoints it), and the recluster
 `recluster_interval`; the optimizer state follows the experts).
 The loop calls its hooks on a strategy object (strategy.py's OneProcess; under torchrun,
 parallel/'s DataParallel or ExpertParallel). What a run records and prints is train_log.py's;
-flags, devices and checkpoint files are cli.py's.
+flags and devices are cli.py's; checkpoint files and the out_dir, checkpoint.py's.
 """
 # cli first: it sets the CPU thread policy, which OpenMP reads once, as torch loads.
-from cli import (Progress, StopAtStep, Terminated, UsageError, check_out_dir, check_rules,
-                 claim_out_dir, load_model, parse_config, resolve_device, restore_rng, rng_state,
-                 run, save_atomic)
+from cli import StopAtStep, Terminated, UsageError, check_rules, parse_config, resolve_device, run
+from checkpoint import (Progress, check_out_dir, claim_out_dir, load_model, restore_rng, rng_state,
+                        save_atomic)
 import math
 import os
 import sys

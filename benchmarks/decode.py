@@ -34,7 +34,7 @@ import torch
 
 import data
 from benchmarks.layers import build_model, free_memory, peak_mib, timed
-from cli import load_model
+from checkpoint import load_model
 from fast.decode_graph import GraphedDecodeStep
 from generate import generate
 from offload import PREDICT_AT, ClusterOffloader

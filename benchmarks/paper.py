@@ -32,7 +32,7 @@ import torch
 import data
 from benchmarks.layers import free_memory, peak_mib, train_speed
 from benchmarks.quality import ROOT, _pool, routing_stats, run_grid
-from cli import load_model
+from checkpoint import load_model
 from train import PRESETS, TrainConfig
 from train_log import evaluate, peak_flops
 

@@ -25,7 +25,7 @@ import torch
 
 import data
 from benchmarks.layers import train_speed
-from cli import load_model
+from checkpoint import load_model
 from model import GPT
 from train import TrainConfig, train
 

@@ -23,7 +23,7 @@ from benchmarks import paper, paper_table
 from benchmarks.layers import (bench_layers, build_model, free_memory, peak_mib, profile_layers, timed,
                                train_speed)
 from benchmarks.quality import GRIDS, lr_sweep, read_log, routing_stats, run_grid, run_variants, summarize
-from cli import load_model
+from checkpoint import load_model
 from offload import ClusterOffloader
 from quant import quantize_model
 from train import TrainConfig

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import train
-from cli import Progress, StopAtStep, Terminated, help_text, parse_config, upgrade_config
+from checkpoint import Progress, upgrade_config
+from cli import StopAtStep, Terminated, help_text, parse_config
 from train import PRESETS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel import ep
-from cli import load_model
+from checkpoint import load_model
 from model import GPT, GPTConfig
 from parallel.ddp import DataParallel
 from train import TrainConfig, build_optimizer, parse_config

@@ -15,7 +15,8 @@ SOURCES = sorted(p for p in ROOT.rglob("*.py") if not {"tests", "results", ".car
                  set(p.relative_to(ROOT).parts))
 # What a learner opens following `python train.py` (docs/design.md: which lines and why).
 LEARNER_PATH = {"train.py", "model.py", "moe.py", "router.py", "experts.py", "compress.py",
-                "cluster.py", "regroup.py", "strategy.py", "train_log.py", "cli.py", "data.py"}
+                "cluster.py", "regroup.py", "strategy.py", "train_log.py", "cli.py", "checkpoint.py",
+                "data.py"}
 # The one circle allowed: experts.py loads fast/triton_combine.py for moe_impl=triton, and the
 # op falls back on experts.py's PyTorch reference where Triton cannot run.
 SEAMS = {frozenset({"experts", "fast.triton_combine"})}

@@ -96,17 +96,17 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import cli
+    import checkpoint
     cfg = _cfg(tmp_path, "--moe=dense", "--max_iters=4", "--eval_interval=2")
-    real = cli.shutil.disk_usage
+    real = checkpoint.shutil.disk_usage
     saves = []
 
     def filling(path):  # room for the first checkpoint, then the disk is full
         usage = real(path)
         saves.append(path)
         return usage if len(saves) == 1 else usage._replace(free=1000)
-    monkeypatch.setattr(cli.shutil, "disk_usage", filling)
-    with pytest.raises(cli.CheckpointError) as error:
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", filling)
+    with pytest.raises(checkpoint.CheckpointError) as error:
         train.train(cfg)
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / "out" / "ckpt.pt") in message
@@ -116,16 +116,16 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
 
 
 def test_a_failed_write_removes_its_temp_file_and_keeps_the_last(tmp_path, monkeypatch):
-    import cli
+    import checkpoint
     path = tmp_path / "ckpt.pt"
-    cli.save_atomic({"w": torch.ones(3)}, path)
+    checkpoint.save_atomic({"w": torch.ones(3)}, path)
 
     def no_space(obj, f):
         open(f, "wb").write(b"partial")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(cli.torch, "save", no_space)
-    with pytest.raises(cli.CheckpointError, match="No space left on device"):
-        cli.save_atomic({"w": torch.zeros(3)}, path)
+    monkeypatch.setattr(checkpoint.torch, "save", no_space)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+        checkpoint.save_atomic({"w": torch.zeros(3)}, path)
     assert not path.with_suffix(".tmp").exists()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
 
