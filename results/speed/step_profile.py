@@ -143,6 +143,8 @@ def main(argv: list[str]) -> None:
     for m in models:  # what each bucket holds, for checking the name patterns
         print(f"\nlargest kernels, {m}: " + "; ".join(f"{ms:.2f} ms [{bucket(n)}] {n[:100]}" for n, ms in
                                                       sorted(names[m].items(), key=lambda kv: -kv[1])[:10]))
+        # "Command Buffer Full" holds the kernels launched while the launch queue was full, so
+        # an operator's figure is a lower bound.
         print(f"\nlargest operators, {m} (their own kernels' time, by input shapes): " + "; ".join(
             f"{ms:.2f} ms {n[:160]}" for n, ms in sorted(ops[m].items(), key=lambda kv: -kv[1])[:15]))
 
