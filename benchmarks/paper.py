@@ -92,9 +92,12 @@ def step_flags(step: str, device) -> dict:
 
 
 def keep_dir(cfg) -> Path:
-    """Where this size and regime's runs are kept: `keep`/<size>-<tokens per step>."""
+    """Where this size and regime's runs are kept: `keep`/<size>-<tokens per step>, with
+    `-eager` for runs of eager kernels (--paper_step=graphed), which train apart from compiled
+    ones (results/paper/README.md): the two never share a table."""
     root = Path(cfg.keep) if cfg.keep else Path(cfg.out_dir) / "paper_runs"
-    return root / f"{cfg.paper_size}-{cfg.tokens_per_step / 1024:g}k"
+    eager = "" if "compiled" in cfg.paper_step else "-eager"
+    return root / f"{cfg.paper_size}-{cfg.tokens_per_step / 1024:g}k{eager}"
 
 
 def planned(cfg, device, keep: Path) -> list[TrainConfig]:
@@ -166,8 +169,10 @@ def best_lr(keep: Path, model: str, lrs) -> float | None:
     return best if best is not None and (min(grid) < best < max(grid) or not widened) else None
 
 
-# Fields a kept run may differ in from the plan: where and how fast it ran, how often it saved.
-PLACE = {"out_dir", "device", "compile", "compile_mode", "cuda_graph", "dataset", "data_dir", "resume",
+# Fields a kept run may differ in from the plan: where it ran, whether its step was replayed
+# from a CUDA graph (the same kernels), how often it saved. Not `compile`: compiled kernels
+# round bf16 otherwise than eager ones, and the two trained apart (results/paper/README.md).
+PLACE = {"out_dir", "device", "compile_mode", "cuda_graph", "dataset", "data_dir", "resume",
          "overwrite", "ckpt_interval"}
 
 

@@ -1,6 +1,6 @@
 """bench.py --sections=paper: built in parts, each finished run kept, nothing trained twice."""
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -217,24 +217,33 @@ def test_glue_tasks_run_side_by_side_as_free_memory_allows(monkeypatch):
     assert paper.glue_at_once(cuda, n_params, 1) == 1
 
 
-def test_how_runs_take_a_step_sets_train_flags_and_a_kept_run_of_another_step_is_reused(tmp_path):
+def test_how_runs_take_a_step_sets_train_flags_and_keeps_eager_kernels_apart(tmp_path):
     cuda = torch.device("cuda")  # planning only: nothing runs on it
-    flags = {}
+    flags, keeps = {}, {}
     for step in paper.STEPS:
         cfg = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"), paper_step=step)
         flags[step] = {(tc.compile, tc.cuda_graph) for tc in paper.planned(cfg, cuda, paper.keep_dir(cfg))}
+        keeps[step] = paper.keep_dir(cfg).name
     assert flags == {"compiled": {(True, False)}, "graphed": {(False, True)},
                      "compiled+graphed": {(True, True)}}
+    assert keeps == {"compiled": "paper-32k", "compiled+graphed": "paper-32k", "graphed": "paper-32k-eager"}
+    assert bench.BenchConfig().paper_step == "compiled+graphed"
     cpu = paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg))
     assert {(tc.compile, tc.cuda_graph) for tc in cpu} == {(False, False)}
-    # A sweep run kept from compiled steps counts as done for a graphed plan: the same math.
-    keep = paper.keep_dir(cfg)
+    # A run kept from compiled steps counts as done for a compiled + graphed plan: a graph
+    # replays the same kernels.
+    keep = tmp_path / "k" / "paper-32k"
     _sweep_run(keep, "dense", 3e-4, 300)
-    compiled = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"))
+    compiled = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"), paper_step="compiled")
     kept = next(tc for tc in paper.planned(compiled, cuda, keep) if tc.out_dir.endswith("dense_lr0.0003"))
     assert kept.compile and not kept.cuda_graph
     (keep / "sweep" / "dense_lr0.0003" / "config.json").write_text(json.dumps({"config": asdict(kept)}))
-    graphed = [tc for tc in paper.planned(cfg, cuda, keep) if tc.out_dir.endswith("dense_lr0.0003")]
-    assert graphed[0].cuda_graph and paper.done_in(keep, graphed[0])
+    both = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"))
+    plan = [tc for tc in paper.planned(both, cuda, keep) if tc.out_dir.endswith("dense_lr0.0003")]
+    assert plan[0].cuda_graph and plan[0].compile and paper.done_in(keep, plan[0])
+    # Eager kernels are another run: found among compiled ones, it is refused, not reused.
+    eager = replace(plan[0], compile=False)
+    with pytest.raises(ValueError, match="compile: kept True, plan False"):
+        paper.done_in(keep, eager)
     with pytest.raises(ValueError, match="paper_step must be one of compiled, graphed, compiled\\+graphed, got 'fast'"):
         paper.planned(bench.BenchConfig(paper_step="fast"), cuda, keep)
