@@ -167,6 +167,7 @@ def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1,
     full, weights = 3 * 4 * params, 4 * params
     tokens = cfg.max_iters * cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     split = meta.get("tokens", {})
+    step = ", ".join([dtype] + ["compiled"] * cfg.compile + ["one CUDA graph a step"] * cfg.cuda_graph)
     data_line = (f"data:   {cfg.dataset} ({split.get('train', 0):,} train / {split.get('val', 0):,} "
                  f"val tokens, val split: {meta.get('val_split')})")
     lines = [
@@ -174,7 +175,7 @@ def startup_summary(cfg, model, meta: dict, device, dtype: str, world: int = 1,
         f"parameters, {counts['active_params'] / 1e6:.1f}M active per token",
         data_line,
         f"train:  {cfg.max_iters:,} iterations x {cfg.batch_size * cfg.grad_accum * world} x "
-        f"{cfg.block_size} = {tokens / 1e6:.1f}M tokens, lr {cfg.lr:g}, on {device} ({dtype})",
+        f"{cfg.block_size} = {tokens / 1e6:.1f}M tokens, lr {cfg.lr:g}, on {device} ({step})",
         f"output: {cfg.out_dir}/ (checkpoint about {full / 2**20:,.0f} MiB with optimizer state"
         + (f", the last one {weights / 2**20:,.0f} MiB" if cfg.final_ckpt == "weights" else "")
         + (", smaller once clustered" if cfg.moe == "clustered" else "") + ")",

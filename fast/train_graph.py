@@ -33,6 +33,18 @@ def config_rules(cfg) -> list[tuple[bool, str]]:
     ]
 
 
+def on_by_default(cfg) -> bool:
+    """Whether a command line's `--preset=paper --compile` (without --cuda_graph, not a resume)
+    replays its step from a graph: where the graph can hold the step (one process on a CUDA
+    device, MoE layers with device-side grouped matmuls). Compiled + graphed is the fastest
+    verified step at that size (docs/results.md)."""
+    from cli import resolve_device
+    from experts import grouped_available
+    device = torch.device(resolve_device(cfg.device, cfg.dtype)[0])
+    return (device.type == "cuda" and "RANK" not in os.environ and cfg.moe_impl != "loop"
+            and (cfg.moe == "dense" or grouped_available(device)))
+
+
 class GraphedTrainStep:
     """step(batches) as step_fn(batches) computes it for `model`: the first `warmup` calls
     after construction or reset() run eagerly on a side stream (as capture asks: lazy inits,
