@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the speed table (results/speed/README.md), each part time-boxed so a slow
-# part cannot take the others' time: the step profile at the paper's size (32 x 256 x grad_accum 4,
-# then the same 32K tokens as one micro-batch of 128), bench's models section per block, and the
+# part cannot take the others' time: the step profile at the paper's size (32K tokens as one
+# micro-batch of 128, eager then compiled), bench's models section per block, and the
 # CUDA tests of the graphed train step (graphed and compiled+graphed against eager across reclusters).
 # usage: cp results/speed/gpu_call.sh .carry/speed.sh; bash .carry/speed.sh <profile_s> <block256_s> <block1024_s> <tests_s> <batch> <modes>
 #   e.g. bash .carry/speed.sh 100 150 150 120 128 graphed,compiled+graphed   (carry: [".carry"])
@@ -11,8 +11,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.tx
 python -c "import torch; print(torch.__version__)" | tee -a $OUT/gpu.txt
 part() { [ "$1" != 0 ]; }
 if part $1; then
-  timeout $1 python -m results.speed.step_profile paper dense,topk > $OUT/profile.txt 2>&1; echo "rc=$?" >> $OUT/profile.txt
   timeout $1 python -m results.speed.step_profile paper dense,topk --batch_size=128 > $OUT/profile_b128.txt 2>&1; echo "rc=$?" >> $OUT/profile_b128.txt
+  timeout $1 python -m results.speed.step_profile paper dense,topk --batch_size=128 --compile > $OUT/profile_b128_compiled.txt 2>&1; echo "rc=$?" >> $OUT/profile_b128_compiled.txt
 fi
 for b in 256 1024; do
   [ $b = 256 ] && T=$2 || T=$3
