@@ -12,9 +12,11 @@ beyond-paper variant when clustered trails top-k by more than 5%.
 
 A GPU session holds less time than the table needs, so the section works in parts: every
 finished run's small raw files (config.json, log.jsonl, reclusters.jsonl, measures.json) are
-copied to `keep`/<size>-<tokens per step> (results/paper/runs/paper-32k) as soon as it ends, and a later call trains only what
-is missing there. `--models` and `--max_runs` choose what one call starts. Checkpoints stay
-in `out_dir`, where a run cut short on the same machine resumes.
+copied to `keep`/<size>-<tokens per step> (results/paper/runs/paper-32k) as soon as it ends,
+and a later call trains only what is missing there. `--models` and `--max_runs` choose what
+one call starts. Checkpoints stay in `out_dir`, where a run cut short on the same machine
+resumes. Runs take compiled steps replayed from a CUDA graph by default (`--paper_step`);
+runs of eager kernels train measurably apart and are kept apart, in <size>-<tokens>-eager.
 Does not own: training (train.py), running grids (quality.py), the table (paper_table.py),
 the models section's timings.
 """
