@@ -1,5 +1,6 @@
 """benchmarks/layers.py: the minimal top-k yardstick computes what our top-k layer computes;
-results/speed/step_profile.py buckets a whole train step built by layers.train_step_fn."""
+results/speed/step_profile.py buckets a whole train step built by layers.train_step_fn;
+results/speed/grouped_layout.py casts the expert weights column-major to the same values."""
 from pathlib import Path
 
 import torch
@@ -73,3 +74,13 @@ def test_step_profile_refuses_an_unknown_flag_in_one_line():
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "error: unknown flags ['graph']; valid: --compile --cuda_graph --steps= --tokens_per_step= --batch_size="]
+
+
+def test_grouped_layout_casts_the_same_values_column_major_and_prints_its_table(capsys):
+    from results.speed.grouped_layout import layouts, main
+    w = torch.randn(3, 4, 6)
+    row, col = (cast() for cast in layouts(w, torch.bfloat16).values())
+    assert torch.equal(row, col) and row.stride() == (24, 6, 1) and col.stride() == (24, 1, 4)
+    main("small", 64, 1)  # on a CPU: tiny shapes, each layout checked against the stored one
+    names = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[-3:]]
+    assert names == ["| dense MLP, equal FLOPs", "| grouped, row-major (as stored)", "| grouped, column-major"]
