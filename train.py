@@ -135,8 +135,7 @@ class TrainConfig(GPTConfig):
             (self.regroup_rule != "loss" or (self.shock_iters > 0 and "RANK" not in os.environ),
              "regroup_rule=loss needs shock_iters > 0 and one process (not torchrun)"),
         ]
-        flags = getattr(self, "given", None)  # a command line's flags (None: built in code)
-        if flags is not None and "cuda_graph" not in flags and self.preset == "paper" and self.compile and not self.resume:
+        if self.preset == "paper" and self.compile and not self.cuda_graph:
             from fast.train_graph import on_by_default  # the fastest verified step at that size
             self.cuda_graph = on_by_default(self)
         if self.cuda_graph:  # machinery: its rules load only when it is asked for

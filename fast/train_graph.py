@@ -34,15 +34,16 @@ def config_rules(cfg) -> list[tuple[bool, str]]:
 
 
 def on_by_default(cfg) -> bool:
-    """Whether a command line's `--preset=paper --compile` (without --cuda_graph, not a resume)
-    replays its step from a graph: where the graph can hold the step (one process on a CUDA
-    device, MoE layers with device-side grouped matmuls). Compiled + graphed is the fastest
-    verified step at that size (docs/results.md)."""
-    from cli import resolve_device
+    """Whether `--preset=paper --compile` also replays its step from a graph: on a command line
+    that does not name --cuda_graph (a config built in code keeps its own), not a resume (the
+    checkpoint's config decides), and where config_rules hold and the MoE layers have
+    device-side grouped matmuls. Compiled + graphed is the fastest verified step at that size
+    (docs/results.md)."""
     from experts import grouped_available
-    device = torch.device(resolve_device(cfg.device, cfg.dtype)[0])
-    return (device.type == "cuda" and "RANK" not in os.environ and cfg.moe_impl != "loop"
-            and (cfg.moe == "dense" or grouped_available(device)))
+    flags = getattr(cfg, "given", {"cuda_graph"})  # a command line's flags (parse_config)
+    if "cuda_graph" in flags or cfg.resume or not all(ok for ok, _ in config_rules(cfg)):
+        return False
+    return cfg.moe == "dense" or grouped_available("cuda" if cfg.device == "auto" else cfg.device)
 
 
 class GraphedTrainStep:

@@ -93,21 +93,19 @@ def test_the_paper_preset_compiled_on_a_gpu_replays_its_step_from_a_graph_unless
     flags = lambda *more: parse_config(TrainConfig, ["--preset=paper", "--compile", "--device=cuda",  # noqa: E731
                                                      f"--out_dir={tmp_path / 'run'}", *more], PRESETS)
     assert tg.on_by_default(flags()) and tg.on_by_default(flags("--moe=dense"))
-    assert not tg.on_by_default(flags("--moe_impl=loop"))
-    assert not tg.on_by_default(flags("--device=cpu"))
-    monkeypatch.setattr(experts, "grouped_available", lambda device: False)  # before Hopper
-    assert tg.on_by_default(flags("--moe=dense")) and not tg.on_by_default(flags())
-    monkeypatch.setenv("RANK", "0")
-    assert not tg.on_by_default(flags("--moe=dense"))
-    monkeypatch.delenv("RANK")
-    # validate() asks only for a command line's --preset=paper --compile without --cuda_graph.
-    monkeypatch.setattr(tg, "on_by_default", lambda cfg: True)
+    assert not tg.on_by_default(flags("--moe_impl=loop")) and not tg.on_by_default(flags("--device=cpu"))
+    assert not tg.on_by_default(flags("--cuda_graph=false")) and not tg.on_by_default(flags("--resume"))
+    # validate() asks only for --preset=paper --compile; a config built in code keeps its own.
     assert flags("--moe=dense").validate().cuda_graph
     assert not flags("--moe=dense", "--cuda_graph=false").validate().cuda_graph
     assert not flags("--moe=dense", "--compile=false").validate().cuda_graph
     in_code = TrainConfig(**{**PRESETS["paper"], "preset": "paper", "compile": True, "device": "cuda",
                              "moe": "dense", "out_dir": str(tmp_path / "code")})
     assert not in_code.validate().cuda_graph
+    monkeypatch.setattr(experts, "grouped_available", lambda device: False)  # before Hopper
+    assert tg.on_by_default(flags("--moe=dense")) and not tg.on_by_default(flags())
+    monkeypatch.setenv("RANK", "0")
+    assert not tg.on_by_default(flags("--moe=dense"))
 
 
 @cuda
