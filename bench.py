@@ -76,9 +76,9 @@ class BenchConfig:
     keep: str = "results/paper/runs"  # paper: where finished runs' small files are kept (and
                                    # looked up, so a later call trains only what is missing)
     max_runs: int = 0              # paper: start at most this many runs in this call (0 = all)
-    paper_step: str = "compiled+graphed"  # paper, on CUDA: how its runs take a step (compiled |
+    paper_step: str = "compiled"   # paper, on CUDA: how its runs take a step (compiled |
                                    # compiled+graphed | graphed: train.py's --compile / --cuda_graph;
-                                   # graphed runs' eager kernels are kept apart, in <size>-eager)
+                                   # graphed runs are kept apart, in <size>-graphed / <size>-eager)
     glue_dir: str = ""             # GLUE root: grid sections also fine-tune each run on glue_task
     glue_task: str = "sst2"        # the GLUE task of the grid sections
     glue_max_examples: int = 10000  # training examples per fine-tuning (0 = all), 2 epochs

@@ -89,7 +89,7 @@ class TrainConfig(GPTConfig):
     compile: bool = False          # torch.compile the model
     compile_mode: str = "default"  # default | max-autotune (for CUDA graphs: --cuda_graph)
     cuda_graph: bool = False       # the whole step replayed from one CUDA graph (CUDA; with --compile
-                                   # too; on by itself for --preset=paper --compile where it can run)
+                                   # too; at the paper size such runs trained worse: docs/results.md)
     expert_parallel: int = 1       # ranks that split each MoE layer's experts (torchrun; 1 = off)
     # logging:
     out_dir: str = "out"           # log.jsonl, reclusters.jsonl, config.json and ckpt.pt go here
@@ -135,9 +135,6 @@ class TrainConfig(GPTConfig):
             (self.regroup_rule != "loss" or (self.shock_iters > 0 and "RANK" not in os.environ),
              "regroup_rule=loss needs shock_iters > 0 and one process (not torchrun)"),
         ]
-        if self.preset == "paper" and self.compile and not self.cuda_graph:
-            from fast.train_graph import on_by_default  # the fastest verified step at that size
-            self.cuda_graph = on_by_default(self)
         if self.cuda_graph:  # machinery: its rules load only when it is asked for
             from fast.train_graph import config_rules
             rules += config_rules(self)

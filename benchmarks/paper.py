@@ -15,8 +15,10 @@ finished run's small raw files (config.json, log.jsonl, reclusters.jsonl, measur
 copied to `keep`/<size>-<tokens per step> (results/paper/runs/paper-32k) as soon as it ends,
 and a later call trains only what is missing there. `--models` and `--max_runs` choose what
 one call starts. Checkpoints stay in `out_dir`, where a run cut short on the same machine
-resumes. Runs take compiled steps replayed from a CUDA graph by default (`--paper_step`);
-runs of eager kernels train measurably apart and are kept apart, in <size>-<tokens>-eager.
+resumes. Runs take compiled steps by default (`--paper_step`), as every kept run of the
+table did; runs whose step is replayed from a CUDA graph trained measurably worse at the paper
+size (results/paper/README.md) and are kept apart, in <size>-<tokens>-eager (eager kernels) or
+<size>-<tokens>-graphed (compiled kernels).
 Does not own: training (train.py), running grids (quality.py), the table (paper_table.py),
 the models section's timings.
 """
@@ -95,11 +97,12 @@ def step_flags(step: str, device) -> dict:
 
 def keep_dir(cfg) -> Path:
     """Where this size and regime's runs are kept: `keep`/<size>-<tokens per step>, with
-    `-eager` for runs of eager kernels (--paper_step=graphed), which train apart from compiled
-    ones (results/paper/README.md): the two never share a table."""
+    `-eager` (--paper_step=graphed) or `-graphed` (compiled+graphed) for steps replayed from a
+    CUDA graph, which trained apart from compiled ones (results/paper/README.md): the kinds of
+    step never share a table."""
     root = Path(cfg.keep) if cfg.keep else Path(cfg.out_dir) / "paper_runs"
-    eager = "" if "compiled" in cfg.paper_step else "-eager"
-    return root / f"{cfg.paper_size}-{cfg.tokens_per_step / 1024:g}k{eager}"
+    kind = {"compiled": "", "graphed": "-eager", "compiled+graphed": "-graphed"}.get(cfg.paper_step, "")
+    return root / f"{cfg.paper_size}-{cfg.tokens_per_step / 1024:g}k{kind}"
 
 
 def planned(cfg, device, keep: Path) -> list[TrainConfig]:
@@ -171,11 +174,11 @@ def best_lr(keep: Path, model: str, lrs) -> float | None:
     return best if best is not None and (min(grid) < best < max(grid) or not widened) else None
 
 
-# Fields a kept run may differ in from the plan: where it ran, whether its step was replayed
-# from a CUDA graph (the same kernels), how often it saved. Not `compile`: compiled kernels
-# round bf16 otherwise than eager ones, and the two trained apart (results/paper/README.md).
-PLACE = {"out_dir", "device", "compile_mode", "cuda_graph", "dataset", "data_dir", "resume",
-         "overwrite", "ckpt_interval"}
+# Fields a kept run may differ in from the plan: where it ran and how often it saved. Not
+# `compile` or `cuda_graph`: at the paper size, steps replayed from a graph trained measurably
+# worse than compiled ones (results/paper/README.md), so how a run stepped is part of it.
+PLACE = {"out_dir", "device", "compile_mode", "dataset", "data_dir", "resume", "overwrite",
+         "ckpt_interval"}
 
 
 def done_in(keep: Path, tc: TrainConfig) -> bool:

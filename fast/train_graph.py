@@ -33,19 +33,6 @@ def config_rules(cfg) -> list[tuple[bool, str]]:
     ]
 
 
-def on_by_default(cfg) -> bool:
-    """Whether `--preset=paper --compile` also replays its step from a graph: on a command line
-    that does not name --cuda_graph (a config built in code keeps its own), not a resume (the
-    checkpoint's config decides), and where config_rules hold and the MoE layers have
-    device-side grouped matmuls. Compiled + graphed is the fastest verified step at that size
-    (docs/results.md)."""
-    from experts import grouped_available
-    flags = getattr(cfg, "given", {"cuda_graph"})  # a command line's flags (parse_config)
-    if "cuda_graph" in flags or cfg.resume or not all(ok for ok, _ in config_rules(cfg)):
-        return False
-    return cfg.moe == "dense" or grouped_available("cuda" if cfg.device == "auto" else cfg.device)
-
-
 class GraphedTrainStep:
     """step(batches) as step_fn(batches) computes it for `model`: the first `warmup` calls
     after construction or reset() run eagerly on a side stream (as capture asks: lazy inits,

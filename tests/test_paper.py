@@ -217,7 +217,7 @@ def test_glue_tasks_run_side_by_side_as_free_memory_allows(monkeypatch):
     assert paper.glue_at_once(cuda, n_params, 1) == 1
 
 
-def test_how_runs_take_a_step_sets_train_flags_and_keeps_eager_kernels_apart(tmp_path):
+def test_how_runs_take_a_step_sets_train_flags_and_keeps_each_kind_of_step_apart(tmp_path):
     cuda = torch.device("cuda")  # planning only: nothing runs on it
     flags, keeps = {}, {}
     for step in paper.STEPS:
@@ -226,24 +226,49 @@ def test_how_runs_take_a_step_sets_train_flags_and_keeps_eager_kernels_apart(tmp
         keeps[step] = paper.keep_dir(cfg).name
     assert flags == {"compiled": {(True, False)}, "graphed": {(False, True)},
                      "compiled+graphed": {(True, True)}}
-    assert keeps == {"compiled": "paper-32k", "compiled+graphed": "paper-32k", "graphed": "paper-32k-eager"}
-    assert bench.BenchConfig().paper_step == "compiled+graphed"
+    assert keeps == {"compiled": "paper-32k", "compiled+graphed": "paper-32k-graphed", "graphed": "paper-32k-eager"}
+    assert bench.BenchConfig().paper_step == "compiled"
     cpu = paper.planned(cfg, torch.device("cpu"), paper.keep_dir(cfg))
     assert {(tc.compile, tc.cuda_graph) for tc in cpu} == {(False, False)}
-    # A run kept from compiled steps counts as done for a compiled + graphed plan: a graph
-    # replays the same kernels.
+    # A kept compiled run counts as done for the default plan; where it ran does not matter.
     keep = tmp_path / "k" / "paper-32k"
     _sweep_run(keep, "dense", 3e-4, 300)
-    compiled = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"), paper_step="compiled")
-    kept = next(tc for tc in paper.planned(compiled, cuda, keep) if tc.out_dir.endswith("dense_lr0.0003"))
+    default = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"))
+    kept = next(tc for tc in paper.planned(default, cuda, keep) if tc.out_dir.endswith("dense_lr0.0003"))
     assert kept.compile and not kept.cuda_graph
-    (keep / "sweep" / "dense_lr0.0003" / "config.json").write_text(json.dumps({"config": asdict(kept)}))
-    both = bench.BenchConfig(sections="paper", out_dir=str(tmp_path), keep=str(tmp_path / "k"))
-    plan = [tc for tc in paper.planned(both, cuda, keep) if tc.out_dir.endswith("dense_lr0.0003")]
-    assert plan[0].cuda_graph and plan[0].compile and paper.done_in(keep, plan[0])
-    # Eager kernels are another run: found among compiled ones, it is refused, not reused.
-    eager = replace(plan[0], compile=False)
-    with pytest.raises(ValueError, match="compile: kept True, plan False"):
-        paper.done_in(keep, eager)
+    (keep / "sweep" / "dense_lr0.0003" / "config.json").write_text(
+        json.dumps({"config": asdict(replace(kept, out_dir="/elsewhere", ckpt_interval=100))}))
+    assert paper.done_in(keep, kept)
+    # Another kind of step is another run: found among compiled ones, it is refused, not reused.
+    for other in (replace(kept, compile=False), replace(kept, cuda_graph=True)):
+        with pytest.raises(ValueError, match="(compile: kept True, plan False|cuda_graph: kept False, plan True)"):
+            paper.done_in(keep, other)
     with pytest.raises(ValueError, match="paper_step must be one of compiled, graphed, compiled\\+graphed, got 'fast'"):
         paper.planned(bench.BenchConfig(paper_step="fast"), cuda, keep)
+
+
+def test_step_modes_retrains_a_kept_runs_first_interval_as_it_ran(tmp_path, capsys):
+    """results/paper/step_modes.py retrains a kept run's first evaluation interval with the lr
+    schedule still spanning the kept run's steps, so (eager on a CPU, which repeats a run bit for
+    bit) it logs the kept run's validation loss there; bad input is one line."""
+    import subprocess
+    import sys
+
+    import train
+    from results.paper.step_modes import main
+    kept = tmp_path / "kept"
+    train.train(train.parse_config(train.TrainConfig, [
+        "--sample_tokens=0", "--n_layer=1", "--n_head=2", "--n_embd=32", "--ffn_hidden=32",
+        "--n_experts=4", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--device=cpu",
+        "--warmup_iters=2", "--lr=3e-3", "--moe=topk", "--max_iters=8", "--eval_interval=4",
+        f"--out_dir={kept}", f"--data_dir={tmp_path / 'data'}"]))
+    main([str(kept), "--iters=4", "--modes=eager", "--parallel=1", f"--out_dir={tmp_path / 'modes'}"])
+    first = json.loads((kept / "log.jsonl").read_text().splitlines()[0])
+    again = json.loads((tmp_path / "modes" / "eager" / "log.jsonl").read_text().splitlines()[0])
+    assert first["iter"] == again["iter"] == 4 and first["lr"] == again["lr"]
+    assert again["val_loss"] == first["val_loss"]
+    assert "| eager | False | False |" in capsys.readouterr().out
+    done = subprocess.run([sys.executable, "-m", "results.paper.step_modes", str(kept), "--modes=fast"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        "error: unknown modes ['fast']; valid: eager, compiled, graphed, compiled+graphed"]

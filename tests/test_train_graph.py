@@ -83,31 +83,6 @@ def test_what_a_graph_cannot_hold_is_refused():
         assert any("needs CUDA" in m for m in failing("--moe=clustered", "--cuda_graph"))
 
 
-def test_the_paper_preset_compiled_on_a_gpu_replays_its_step_from_a_graph_unless_told(monkeypatch, tmp_path):
-    import experts
-    import fast.train_graph as tg
-    from train import PRESETS
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # decisions only: nothing runs
-    monkeypatch.setattr(experts, "grouped_available", lambda device: True)
-    monkeypatch.delenv("RANK", raising=False)
-    flags = lambda *more: parse_config(TrainConfig, ["--preset=paper", "--compile", "--device=cuda",  # noqa: E731
-                                                     f"--out_dir={tmp_path / 'run'}", *more], PRESETS)
-    assert tg.on_by_default(flags()) and tg.on_by_default(flags("--moe=dense"))
-    assert not tg.on_by_default(flags("--moe_impl=loop")) and not tg.on_by_default(flags("--device=cpu"))
-    assert not tg.on_by_default(flags("--cuda_graph=false")) and not tg.on_by_default(flags("--resume"))
-    # validate() asks only for --preset=paper --compile; a config built in code keeps its own.
-    assert flags("--moe=dense").validate().cuda_graph
-    assert not flags("--moe=dense", "--cuda_graph=false").validate().cuda_graph
-    assert not flags("--moe=dense", "--compile=false").validate().cuda_graph
-    in_code = TrainConfig(**{**PRESETS["paper"], "preset": "paper", "compile": True, "device": "cuda",
-                             "moe": "dense", "out_dir": str(tmp_path / "code")})
-    assert not in_code.validate().cuda_graph
-    monkeypatch.setattr(experts, "grouped_available", lambda device: False)  # before Hopper
-    assert tg.on_by_default(flags("--moe=dense")) and not tg.on_by_default(flags())
-    monkeypatch.setenv("RANK", "0")
-    assert not tg.on_by_default(flags("--moe=dense"))
-
-
 @cuda
 def test_captures_once_per_reset_and_replays_new_batches():
     torch.manual_seed(0)
