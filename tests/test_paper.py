@@ -255,7 +255,8 @@ def test_step_modes_retrains_a_kept_runs_first_interval_as_it_ran(tmp_path, caps
     import sys
 
     import train
-    from results.paper.step_modes import main
+    from results.paper.step_modes import KEPT, main
+    assert (Path(__file__).resolve().parents[1] / KEPT / "config.json").exists()  # the default run
     kept = tmp_path / "kept"
     train.train(train.parse_config(train.TrainConfig, [
         "--sample_tokens=0", "--n_layer=1", "--n_head=2", "--n_embd=32", "--ffn_hidden=32",

@@ -16,7 +16,7 @@ from pathlib import Path
 from benchmarks.quality import read_log, run_grid
 from train import TrainConfig
 
-KEPT = "results/paper/runs/paper-32k/final/topk_lr0.001_s0"
+KEPT = "results/paper/runs/paper-32k-graphed/final/topk_lr0.001_s0"
 MODES = {"eager": (False, False), "compiled": (True, False), "graphed": (False, True),
          "compiled+graphed": (True, True)}
 FLAGS = {"iters": 400, "parallel": 2, "modes": ",".join(MODES), "dataset": "", "data_dir": "",
