@@ -97,7 +97,9 @@ def check_out_dir(cfg, may_change=RESUMABLE) -> None:
     out, path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    if (out / OutDirClaim.NAME).exists():
+    # Rank 0 alone asks (it alone claims): under torchrun another rank's look could meet rank
+    # 0's own claim, or hold the lock at the moment rank 0 takes it.
+    if (out / OutDirClaim.NAME).exists() and os.environ.get("RANK", "0") == "0":
         with OutDirClaim(out, probe=True):  # refused here if a run still holds it
             pass
     if path.exists() and not (cfg.resume or cfg.overwrite):

@@ -189,3 +189,22 @@ def test_config_errors():
         parse_config(TrainConfig, ["--expert_parallel=2", "--hierarchical=False"]).validate()
     with pytest.raises(ValueError, match="divisible by expert_parallel"):
         parse_config(TrainConfig, ["--expert_parallel=3", "--moe=topk", "--n_experts=4"]).validate()
+
+
+def test_only_rank_0_looks_at_the_out_dir_claim(tmp_path, monkeypatch):
+    """Under torchrun rank 0 alone claims the out_dir, so only it asks whether a run holds it:
+    another rank asking while rank 0 holds its claim (or just as rank 0 takes it) would stop
+    the run it is part of."""
+    from checkpoint import OutDirClaim, UsageError, check_out_dir
+    from train import TrainConfig
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"))
+    with OutDirClaim(cfg.out_dir):  # rank 0's claim, held
+        monkeypatch.setenv("RANK", "1")
+        check_out_dir(cfg)
+        for rank in ("0", None):
+            if rank is None:
+                monkeypatch.delenv("RANK")
+            else:
+                monkeypatch.setenv("RANK", rank)
+            with pytest.raises(UsageError, match="in use by a training run still going"):
+                check_out_dir(cfg)
