@@ -2,8 +2,8 @@
 for its first evaluation interval in each step mode (eager, compiled, graphed, compiled +
 graphed), same seed, data and lr schedule (the cosine still spans the kept run's steps), side by
 side; prints each mode's validation perplexity beside the kept run's at that iteration.
-Why: the paper-size top-k finals trained compiled reached 65.7, those replayed from a CUDA graph
-68.0 (eager kernels) and 68.5 (compiled kernels), and the gap is there at the first evaluation.
+Why: at the paper size, top-k finals replayed from a CUDA graph trained worse than compiled
+ones from their first evaluation on (results/paper/README.md), and this tells which mode does it.
 usage (CUDA): python -m results.paper.step_modes [run folder] [--iters=400] [--parallel=2]
     [--modes=eager,compiled,graphed,compiled+graphed] [--dataset=...] [--data_dir=...] [--out_dir=...]
 """

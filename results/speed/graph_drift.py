@@ -30,11 +30,15 @@ def fingerprint(tensors: dict) -> dict:
     return dict(zip(names, sums.cpu()))
 
 
+def recorded_whole(flags) -> bool:
+    """Whether a run is recorded whole: the tiny default is; a --preset's model is fingerprinted."""
+    return not any(f.startswith("--preset=") for f in flags)
+
+
 def run(out: str, *flags) -> list[dict]:
     """Train, recording the model state after every optimizer step (whole, or fingerprinted
     when the flags name a --preset)."""
-    states, make = [], train.make_step
-    whole = not any(f.startswith("--preset=") for f in flags)
+    states, make, complete = [], train.make_step, recorded_whole(flags)
 
     def recording(runner, model, *args, **kwargs):
         step = make(runner, model, *args, **kwargs)
@@ -46,11 +50,11 @@ def run(out: str, *flags) -> list[dict]:
             state = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
             state.update({n + ".grad": p.grad for n, p in model.named_parameters() if p.grad is not None})
             state = {n: t.detach() for n, t in state.items()}
-            states.append({n: t.float().cpu().clone() for n, t in state.items()} if whole else fingerprint(state))
+            states.append({n: t.float().cpu().clone() for n, t in state.items()} if complete else fingerprint(state))
         return wrapped
     train.make_step = recording
     try:
-        base = TINY if whole else []
+        base = TINY if complete else []
         train.train(parse_config(TrainConfig, base + [f"--out_dir={out}", "--overwrite", *flags], train.PRESETS))
     finally:
         train.make_step = make
@@ -78,9 +82,8 @@ def compare(name: str, a: list[dict], b: list[dict], whole: bool = True) -> None
 
 if __name__ == "__main__":
     root, extra = (sys.argv[1] if len(sys.argv) > 1 else "/tmp/drift"), sys.argv[2:]
-    eager = run(f"{root}/eager", "--cuda_graph=false", *extra)  # not the paper preset's default
-    again = run(f"{root}/again", "--cuda_graph=false", *extra)
+    eager = run(f"{root}/eager", *extra)
+    again = run(f"{root}/again", *extra)
     graphed = run(f"{root}/graph", "--cuda_graph", *extra)
-    whole = not any(f.startswith("--preset=") for f in extra)
-    compare("eager vs eager", eager, again, whole)
-    compare("eager vs graphed", eager, graphed, whole)
+    compare("eager vs eager", eager, again, recorded_whole(extra))
+    compare("eager vs graphed", eager, graphed, recorded_whole(extra))
